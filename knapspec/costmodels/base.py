@@ -1,0 +1,106 @@
+"""The cost-model interface: how many seconds each part of a forward step takes.
+
+A forward step that pushes ``n`` new tokens through the model, with ``c`` tokens already
+in the KV cache, costs::
+
+    overhead(n) + sum_{kept attention blocks} attention(c, n) + sum_{kept MLP blocks} mlp(n)
+                + head(n)
+
+All methods return **seconds** for **one** block (or one head / one step), and take the
+context length ``c`` in tokens (tokens already in the KV cache before the step) and the
+number of new tokens ``n`` processed in the step (1 for a draft step, ``d + 1`` for the
+verification of ``d`` drafted tokens).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import KnapSpecError
+
+#: kind name -> CostModel subclass, filled by ``register_cost_model``.
+COST_MODEL_KINDS: dict[str, type[CostModel]] = {}
+
+
+def register_cost_model(cls: type[CostModel]) -> type[CostModel]:
+    """Class decorator: make ``cls`` loadable from JSON under ``cls.kind``."""
+    if not getattr(cls, "kind", None):
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'kind'")
+    COST_MODEL_KINDS[cls.kind] = cls
+    return cls
+
+
+class CostModel(ABC):
+    """Seconds per block, head and step, as a function of context length and tokens.
+
+    Subclasses implement the four cost methods and ``to_dict``/``from_dict`` (the ``params``
+    part of the JSON file; see ``knapspec.costmodels.io``).  ``meta`` carries free-form
+    provenance (model, backend, threads, date) and is saved alongside.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @abstractmethod
+    def attention(self, context: float, n_tokens: int = 1) -> float:
+        """Seconds for one attention block: ``n_tokens`` new tokens over ``context`` cached."""
+
+    @abstractmethod
+    def mlp(self, n_tokens: int = 1) -> float:
+        """Seconds for one MLP block over ``n_tokens`` tokens."""
+
+    @abstractmethod
+    def head(self, n_tokens: int = 1) -> float:
+        """Seconds for the final norm + LM head (+ token selection) over ``n_tokens`` tokens."""
+
+    @abstractmethod
+    def overhead(self, n_tokens: int = 1) -> float:
+        """Fixed seconds per forward call (embedding, framework, dispatch), ``n_tokens`` tokens."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable parameters (the ``params`` object of the file)."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, params: dict[str, Any], meta: dict[str, Any] | None = None) -> CostModel:
+        """Inverse of ``to_dict``; raise ``KnapSpecError`` naming a bad or missing field."""
+
+    # ----------------------------------------------------------------- derived helpers
+    def block_costs(self, n_layers: int, context: float, n_tokens: int = 1) -> np.ndarray:
+        """``[2L]`` float64 seconds per block (even: attention, odd: MLP)."""
+        costs = np.empty(2 * n_layers, dtype=np.float64)
+        costs[0::2] = self.attention(context, n_tokens)
+        costs[1::2] = self.mlp(n_tokens)
+        return costs
+
+    def step_seconds(self, mask: np.ndarray, context: float, n_tokens: int = 1) -> float:
+        """Seconds for one forward step of ``n_tokens`` tokens under skip ``mask`` [2L]."""
+        mask = np.asarray(mask, dtype=bool)
+        costs = self.block_costs(len(mask) // 2, context, n_tokens)
+        return float(
+            self.overhead(n_tokens) + self.head(n_tokens) + costs[~mask].sum()
+        )
+
+    def full_step_seconds(self, n_layers: int, context: float, n_tokens: int = 1) -> float:
+        """Seconds for a full-model step (no block skipped)."""
+        return self.step_seconds(np.zeros(2 * n_layers, dtype=bool), context, n_tokens)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()})"
+
+
+def check_finite_nonnegative(name: str, value: Any) -> float:
+    """Validate one scalar parameter; return it as float or raise naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise KnapSpecError(f"{name}: expected a number, got {value!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise KnapSpecError(f"{name}: expected a finite non-negative number, got {value!r}")
+    return v
