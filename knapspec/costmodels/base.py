@@ -104,3 +104,47 @@ def check_finite_nonnegative(name: str, value: Any) -> float:
     if not np.isfinite(v) or v < 0:
         raise KnapSpecError(f"{name}: expected a finite non-negative number, got {value!r}")
     return v
+
+
+def check_context(context: Any) -> float:
+    """Validate a context length (tokens already in the KV cache); return it as float."""
+    try:
+        c = float(context)
+    except (TypeError, ValueError):
+        raise KnapSpecError(f"context: expected a number of tokens, got {context!r}") from None
+    if not np.isfinite(c) or c < 0:
+        raise KnapSpecError(f"context: expected a finite number of tokens >= 0, got {context!r}")
+    return c
+
+
+def check_n_tokens(n_tokens: Any) -> float:
+    """Validate a number of new tokens in a step (>= 1); return it as float."""
+    try:
+        n = float(n_tokens)
+    except (TypeError, ValueError):
+        raise KnapSpecError(f"n_tokens: expected a number of tokens, got {n_tokens!r}") from None
+    if not np.isfinite(n) or n < 1:
+        raise KnapSpecError(f"n_tokens: expected a finite number >= 1, got {n_tokens!r}")
+    return n
+
+
+def check_param_keys(
+    kind: str, params: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check that ``params`` is a dict with all ``required`` keys and no unknown ones.
+
+    Returns ``params``; raises ``KnapSpecError`` naming the missing or unknown fields
+    (unknown keys are rejected so that a misspelt field is not silently ignored).
+    """
+    if not isinstance(params, dict):
+        raise KnapSpecError(f"{kind} params: expected an object, got {type(params).__name__}")
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise KnapSpecError(f"{kind} params: missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if unknown:
+        raise KnapSpecError(
+            f"{kind} params: unknown field(s) {', '.join(unknown)}; "
+            f"expected {', '.join((*required, *optional))}"
+        )
+    return params

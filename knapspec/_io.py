@@ -1,0 +1,51 @@
+"""Small file helpers: atomic writes and early checks that an output path is writable."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import KnapSpecError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ``KnapSpecError`` now if ``path`` cannot be written (before any long work)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise KnapSpecError(f"output path is a directory: {p}")
+    if not parent.is_dir():
+        raise KnapSpecError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise KnapSpecError(f"output directory is not writable: {parent}")
+    return p
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    Nothing is left at ``path`` (or beside it) if ``write`` raises.
+    """
+    p = check_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=suffix + ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, _write)

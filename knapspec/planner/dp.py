@@ -1,0 +1,417 @@
+"""Model-in-the-loop planners: KnapSpec's parallel dynamic program and its baselines.
+
+All of them read the full model's hidden states at every block boundary for the last
+verified tokens through a ``BlockOracle`` (``[2L + 1, T, D]``) and run candidate states
+through single blocks in batches.
+
+KnapSpec (Cha et al., 2026): blocks are processed in order; a DP state is
+``(block, skipped cost)`` with integer costs from the context-dependent cost model.  From
+every state the block is either kept (all kept states of the block go through it in ONE
+batched call) or skipped (cost grows by the block's weight).  Where several candidates reach
+the same ``(block, cost)``, the one whose hidden state is most similar (mean cosine over
+the ``T`` tokens) to the full model's state at that boundary survives.  At the end each
+surviving budget's final states are turned into logits; its acceptance alpha is estimated
+from the agreement with the full model's logits; the (budget, draft length) pair with the
+highest tokens per second wins (``select_plan``).
+
+Baselines on the same machinery:
+
+* ``ClaspPlanner`` (CLaSp style): whole layers, a fixed number of skipped layers, the same
+  cosine DP, no cost model in the choice of layers; fixed draft length.
+* ``EarlyExitPlanner`` (LayerSkip style): drop the last ``k`` layers; ``k`` and the draft
+  length chosen by TPT from alphas measured at every exit.
+* ``OracleAdditivePlanner``: the additive planner fed by per-block scores measured with the
+  oracle (skip each block alone, one batched pass).
+* ``StaticSearchPlanner`` (Draft & Verify style): searches once with KnapSpec's DP at the
+  first plan, then keeps that mask and draft length.
+
+Shapes: ``S`` candidate states, ``T`` tokens, ``D`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..blocks import BlockLayout
+from ..costmodels.base import CostModel
+from ..errors import KnapSpecError
+from .plan import DraftPlan, select_plan
+from .planners import AdditivePlanner, AutoregressivePlanner, BlockOracle, PlanContext, Planner
+from .proxies import TotalVariationProxy
+
+log = logging.getLogger(__name__)
+
+
+def _np(x: Any) -> np.ndarray:
+    """float32 numpy view of an oracle result (numpy array or CPU tensor)."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def mean_cosine(states: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Mean over tokens of cosine(states[s, t], ref[t]): ``[S, T, D], [T, D] -> [S]``."""
+    num = np.einsum("std,td->st", states, ref, dtype=np.float64)
+    den = np.linalg.norm(states, axis=-1) * np.linalg.norm(ref, axis=-1)[None, :]
+    return (num / np.maximum(den, 1e-30)).mean(axis=1)
+
+
+def alphas_from_logits(
+    cand_logits: np.ndarray, full_logits: np.ndarray, proxy: str
+) -> np.ndarray:
+    """Acceptance per candidate ``[S]`` from logits ``[S, T, V]`` against ``[T, V]``."""
+    if proxy == "top1":
+        return (cand_logits.argmax(-1) == full_logits.argmax(-1)[None, :]).mean(axis=1)
+    if proxy == "tv":
+        tv = TotalVariationProxy()
+        return np.array([tv.alpha(c, full_logits) for c in cand_logits])
+    raise KnapSpecError(f"unknown logits proxy {proxy!r} (known: top1, tv)")
+
+
+def group_dp(
+    oracle: BlockOracle,
+    groups: Sequence[Sequence[int]],
+    costs: Sequence[float],
+    skippable: Sequence[bool],
+    bucket: float,
+    max_skipped: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parallel DP over groups of consecutive blocks (a block, or a layer's two blocks).
+
+    A state is (group, skipped-cost bucket): skipped costs accumulate exactly and states
+    whose skipped cost falls in the same bucket of width ``bucket`` are merged, keeping the
+    candidate most similar to the full model.  (Exact integer costs are the special case
+    of integer ``costs`` and ``bucket = 1``.)
+
+    Args:
+        groups: consecutive block indices per group, in model order, covering all blocks.
+        costs: skipped cost of each group (seconds, or units).
+        skippable: whether each group may be skipped.
+        bucket: width of a skipped-cost state (> 0).
+        max_skipped: largest total skipped cost tracked.
+    Returns:
+        ``skipped [K]`` (skipped cost of each surviving state), ``masks [K, 2L]`` and the
+        final states ``[K, T, D]``.
+    """
+    if bucket <= 0:
+        raise KnapSpecError(f"bucket must be > 0, got {bucket}")
+    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
+    n_blocks = full.shape[0] - 1
+    states = full[:1]  # [S, T, D], S = 1: the embeddings
+    skipped = np.zeros(1)  # [S] skipped cost so far
+    masks = np.zeros((1, n_blocks), dtype=bool)  # [S, 2L]
+    for group, w, can_skip in zip(groups, costs, skippable, strict=True):
+        kept = states
+        for b in group:  # keep: every state through the group's blocks, one batched call
+            kept = _np(oracle.apply_block(b, kept))
+        cand_states, cand_skipped, cand_masks = [kept], [skipped], [masks]
+        if can_skip:
+            ok = skipped + w <= max_skipped * (1 + 1e-9)
+            if ok.any():
+                skip_masks = masks[ok].copy()
+                skip_masks[:, list(group)] = True
+                cand_states.append(states[ok])
+                cand_skipped.append(skipped[ok] + w)
+                cand_masks.append(skip_masks)
+        all_states = np.concatenate(cand_states)  # [S', T, D]
+        all_skipped = np.concatenate(cand_skipped)  # [S']
+        all_masks = np.concatenate(cand_masks)  # [S', 2L]
+        sim = mean_cosine(all_states, full[group[-1] + 1])  # [S']
+        key = np.floor(all_skipped / bucket + 1e-9).astype(np.int64)  # [S'] state index
+        # per state keep the candidate most similar to the full model (ties: kept first)
+        order = np.lexsort((-sim, key))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        pick = order[first]
+        states, skipped, masks = all_states[pick], all_skipped[pick], all_masks[pick]
+    return skipped, masks, states
+
+
+class KnapSpecPlanner(Planner):
+    """The paper's planner: cost-aware parallel DP over decoupled attention/MLP blocks.
+
+    Running the DP costs about a prefill of ``S * T`` tokens (``S <= resolution + 1``).  To
+    keep that off the hot path, the DP is re-run only when the context has grown by
+    ``rerun_growth`` (relative) since the last run; in between, the surviving candidates
+    (masks and alphas) are re-scored by TPT with the cost model at the current context,
+    which is what changes fastest.
+    """
+
+    name = "knapspec"
+    needs_oracle = True
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        cost_model: CostModel,
+        max_draft_length: int = 8,
+        resolution: int = 12,
+        proxy: str = "top1",
+        rerun_growth: float = 1.0,
+    ) -> None:
+        if resolution < 1:
+            raise KnapSpecError(f"resolution must be >= 1, got {resolution}")
+        if rerun_growth < 0:
+            raise KnapSpecError(f"rerun_growth must be >= 0, got {rerun_growth}")
+        self.layout = layout
+        self.cost_model = cost_model
+        self.max_draft_length = int(max_draft_length)
+        self.resolution = int(resolution)
+        self.proxy = proxy
+        self.rerun_growth = float(rerun_growth)
+        self._candidates: tuple[np.ndarray, np.ndarray] | None = None
+        self._dp_context = -1
+        self.dp_runs = 0  # how many times the DP ran (diagnostics)
+
+    def reset(self) -> None:
+        """Forget candidates (a new generation starts)."""
+        self._candidates = None
+        self._dp_context = -1
+
+    @staticmethod
+    def _oracle_tokens(oracle: BlockOracle) -> int:
+        return int(_np(oracle.boundary_states()).shape[1])
+
+    def candidates(self, oracle: BlockOracle, context: float) -> tuple[np.ndarray, np.ndarray]:
+        """Run the DP: masks ``[K, 2L]`` and alphas ``[K]`` (one per surviving budget)."""
+        n_blocks = self.layout.n_blocks
+        costs = self.cost_model.block_costs(self.layout.n_layers, context, 1)  # [2L] s
+        skippable = self.layout.skippable
+        total = float(costs[skippable].sum())
+        groups = [(b,) for b in range(n_blocks)]
+        _, masks, states = group_dp(
+            oracle, groups, costs, skippable, total / self.resolution, total
+        )
+        full = _np(oracle.boundary_states())
+        return self._score(oracle, masks, states, full[-1])
+
+    def _score(
+        self, oracle: BlockOracle, masks: np.ndarray, states: np.ndarray, final: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        drafting = masks.any(axis=1)  # the all-kept state is plain decoding
+        masks, states = masks[drafting], states[drafting]
+        if len(masks) == 0:
+            return masks, np.zeros(0)
+        logits = _np(oracle.logits(np.concatenate([states, final[None]])))  # [K + 1, T, V]
+        return masks, alphas_from_logits(logits[:-1], logits[-1], self.proxy)
+
+    def worth_searching(self, ctx: PlanContext, tokens: int) -> bool:
+        """Can any draft beat autoregressive by more than the search costs?
+
+        Upper bound: every skippable block skipped, every draft accepted.  The search costs
+        about one forward of ``S * tokens`` tokens (``S = resolution + 1`` states), priced by
+        the cost model.  Without a known number of remaining tokens only the bound counts.
+        """
+        best = select_plan(
+            self.layout.skippable[None, :], [1.0], self.cost_model, ctx.context,
+            self.max_draft_length,
+        )
+        if best.is_autoregressive:
+            return False
+        if ctx.remaining_tokens is None:
+            return True
+        saved = ctx.remaining_tokens * (1.0 / best.ar_tokens_per_second
+                                        - 1.0 / best.tokens_per_second)
+        search = self.cost_model.full_step_seconds(
+            self.layout.n_layers, ctx.context, (self.resolution + 1) * tokens
+        )
+        return saved > search
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        grown = ctx.context >= self._dp_context * (1.0 + self.rerun_growth)
+        if (ctx.oracle is not None and (self._candidates is None or grown)
+                and not self.worth_searching(ctx, self._oracle_tokens(ctx.oracle))):
+            log.info("%s: no draft can pay at context %d; decoding plainly", self.name,
+                     ctx.context)
+            self._dp_context = ctx.context
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        if ctx.oracle is not None and (self._candidates is None or grown):
+            self._candidates = self.candidates(ctx.oracle, ctx.context)
+            self._dp_context = ctx.context
+            self.dp_runs += 1
+        if self._candidates is None:
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        masks, alphas = self._candidates
+        plan = select_plan(
+            masks, alphas, self.cost_model, ctx.context, self.max_draft_length,
+            strategy=self.name, remaining_tokens=ctx.remaining_tokens,
+            switch_seconds=ctx.switch_seconds,
+        )
+        return plan
+
+
+class ClaspPlanner(KnapSpecPlanner):
+    """CLaSp style: skip exactly ``n_skip_layers`` whole layers chosen by the cosine DP.
+
+    No cost model in the choice of layers and a fixed draft length, as in CLaSp; the cost
+    model is only used to report predicted speed.  Re-runs the DP at every plan.
+    """
+
+    name = "clasp"
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        cost_model: CostModel,
+        n_skip_layers: int | None = None,
+        draft_length: int = 4,
+        proxy: str = "top1",
+    ) -> None:
+        super().__init__(layout, cost_model, max_draft_length=draft_length, proxy=proxy,
+                         rerun_growth=0.0)
+        free_layers = [i for i in range(layout.n_layers)
+                       if layout.skippable[2 * i] and layout.skippable[2 * i + 1]]
+        self.n_skip_layers = (len(free_layers) // 2 if n_skip_layers is None
+                              else int(n_skip_layers))
+        if not 0 < self.n_skip_layers <= len(free_layers):
+            raise KnapSpecError(
+                f"n_skip_layers must lie in [1, {len(free_layers)}], got {n_skip_layers}"
+            )
+        self.draft_length = int(draft_length)
+
+    def candidates(self, oracle: BlockOracle, context: float) -> tuple[np.ndarray, np.ndarray]:
+        lay = self.layout
+        groups = [(2 * i, 2 * i + 1) for i in range(lay.n_layers)]
+        skippable = [bool(lay.skippable[2 * i] and lay.skippable[2 * i + 1])
+                     for i in range(lay.n_layers)]
+        skipped, masks, states = group_dp(
+            oracle, groups, [1.0] * lay.n_layers, skippable, 1.0, self.n_skip_layers
+        )
+        pick = np.rint(skipped) == self.n_skip_layers
+        full = _np(oracle.boundary_states())
+        return self._score(oracle, masks[pick], states[pick], full[-1])
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        if ctx.oracle is not None:
+            self._candidates = self.candidates(ctx.oracle, ctx.context)
+            self.dp_runs += 1
+        if self._candidates is None or len(self._candidates[0]) == 0:
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        masks, alphas = self._candidates
+        return select_plan(masks, alphas, self.cost_model, ctx.context, [self.draft_length],
+                           strategy=self.name, force=True)
+
+
+class EarlyExitPlanner(Planner):
+    """LayerSkip style: draft with the first ``L - k`` layers; ``k`` and ``d`` chosen by TPT.
+
+    Alpha for every exit is measured with the oracle (the full model's state after layer
+    ``L - k - 1`` through the final norm and head).  Uses an unpinned layout: the last
+    layers are exactly what early exit drops.
+    """
+
+    name = "early-exit"
+    needs_oracle = True
+
+    def __init__(
+        self, layout: BlockLayout, cost_model: CostModel, max_draft_length: int = 8,
+        proxy: str = "top1", min_layers: int = 2,
+    ) -> None:
+        self.layout = layout
+        self.cost_model = cost_model
+        self.max_draft_length = int(max_draft_length)
+        self.proxy = proxy
+        self.min_layers = int(min_layers)
+        self._candidates: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reset(self) -> None:
+        self._candidates = None
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        L = self.layout.n_layers
+        if ctx.oracle is not None:
+            full = _np(ctx.oracle.boundary_states())  # [2L + 1, T, D]
+            exits = list(range(self.min_layers, L))  # layers kept
+            states = np.stack([full[2 * m] for m in exits] + [full[-1]])
+            logits = _np(ctx.oracle.logits(states))  # [E + 1, T, V]
+            alphas = alphas_from_logits(logits[:-1], logits[-1], self.proxy)
+            masks = np.zeros((len(exits), 2 * L), dtype=bool)
+            for r, m in enumerate(exits):
+                masks[r, 2 * m:] = True
+            self._candidates = (masks, alphas)
+        if self._candidates is None:
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        return select_plan(*self._candidates, self.cost_model, ctx.context,
+                           self.max_draft_length, strategy=self.name)
+
+
+def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
+    """``[2L]`` fidelity loss ``1 - cos`` of the final state when each block alone is skipped.
+
+    One batched pass: candidate ``s`` skips block ``s``; all ``2L`` candidates go through
+    every block together.
+    """
+    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
+    n_blocks = full.shape[0] - 1
+    states = np.repeat(full[:1], n_blocks, axis=0)  # [2L, T, D]
+    for b in range(n_blocks):
+        out = _np(oracle.apply_block(b, states))
+        out[b] = states[b]  # candidate b skips block b
+        states = out
+    return 1.0 - mean_cosine(states, full[-1])
+
+
+class OracleAdditivePlanner(AdditivePlanner):
+    """The additive planner with per-block scores measured on the current context."""
+
+    name = "additive"
+    needs_oracle = True
+
+    def __init__(
+        self, layout: BlockLayout, cost_model: CostModel, rerun_growth: float = 0.25,
+        **kwargs: Any,
+    ) -> None:
+        from .fidelity import default_block_scores
+
+        super().__init__(layout, cost_model, default_block_scores(layout.n_layers), **kwargs)
+        self.rerun_growth = float(rerun_growth)
+        self._measured_context = -1
+
+    def reset(self) -> None:
+        self._measured_context = -1
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        grown = ctx.context >= self._measured_context * (1.0 + self.rerun_growth)
+        if ctx.oracle is not None and (self._measured_context < 0 or grown):
+            self.update_scores(oracle_block_scores(ctx.oracle))
+            self._measured_context = ctx.context
+        return super().plan(ctx)
+
+
+class StaticSearchPlanner(Planner):
+    """Draft & Verify style: one search (KnapSpec's DP) at the first plan, then fixed."""
+
+    name = "static"
+    needs_oracle = True
+
+    def __init__(self, layout: BlockLayout, cost_model: CostModel, **kwargs: Any) -> None:
+        self.inner = KnapSpecPlanner(layout, cost_model, **kwargs)
+        self.fixed: DraftPlan | None = None
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.fixed = None
+        self.needs_oracle = True
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        if self.fixed is None and ctx.oracle is not None:
+            self.fixed = self.inner.plan(ctx)
+            self.needs_oracle = False
+        if self.fixed is None:
+            return self.inner.plan(ctx)
+        return self.fixed
+
+
+__all__ = [
+    "ClaspPlanner",
+    "EarlyExitPlanner",
+    "KnapSpecPlanner",
+    "OracleAdditivePlanner",
+    "StaticSearchPlanner",
+    "group_dp",
+    "oracle_block_scores",
+]

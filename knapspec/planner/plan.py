@@ -1,0 +1,200 @@
+"""Plans and the (skip mask, draft length) selection every planner shares.
+
+A planner proposes candidate skip masks with predicted acceptance; ``select_plan`` scores
+each candidate for every draft length ``1..max_draft_length`` under the TPT objective,
+adds the autoregressive plan (draft length 0), and returns the best.  Because the
+autoregressive plan is always a candidate, a returned plan is never predicted slower than
+autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..blocks import describe_mask
+from ..costmodels.base import CostModel
+from ..errors import KnapSpecError
+from .objective import expected_tokens
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """What a plan's predicted speed is made of (all times in seconds, per the cost model)."""
+
+    context: float  # tokens in the KV cache when planned
+    draft_step_seconds: float  # one draft step (1 token) under the skip mask
+    verify_seconds: float  # one full-model verification of draft_length + 1 tokens
+    round_seconds: float  # draft_length * draft_step_seconds + verify_seconds
+    expected_tokens: float  # expected tokens per round, (1 - a^(d+1)) / (1 - a)
+    ar_step_seconds: float  # one full-model step of 1 token (the autoregressive baseline)
+    attn_skipped_seconds: float  # per draft step, saved by skipped attention blocks
+    mlp_skipped_seconds: float  # per draft step, saved by skipped MLP blocks
+    switch_seconds: float = 0.0  # one-off cost of switching to this mask (backend-specific)
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """A chosen draft configuration and its predicted performance."""
+
+    mask: np.ndarray  # [2L] bool, True = block skipped while drafting
+    draft_length: int  # tokens drafted per round; 0 = plain autoregressive decoding
+    alpha: float  # predicted per-token acceptance probability in [0, 1]
+    tokens_per_second: float  # predicted tokens per second (TPT)
+    cost: CostBreakdown  # the cost figures behind the prediction
+    strategy: str = ""  # name of the planner that produced it
+    extra: dict[str, Any] = field(default_factory=dict)  # planner-specific diagnostics
+
+    @property
+    def is_autoregressive(self) -> bool:
+        return self.draft_length == 0
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.mask) // 2
+
+    @property
+    def attn_skipped(self) -> int:
+        """Number of attention blocks skipped while drafting."""
+        return int(np.asarray(self.mask)[0::2].sum())
+
+    @property
+    def mlp_skipped(self) -> int:
+        """Number of MLP blocks skipped while drafting."""
+        return int(np.asarray(self.mask)[1::2].sum())
+
+    @property
+    def ar_tokens_per_second(self) -> float:
+        return 1.0 / self.cost.ar_step_seconds
+
+    @property
+    def speedup(self) -> float:
+        """Predicted tokens/s over predicted autoregressive tokens/s."""
+        return self.tokens_per_second * self.cost.ar_step_seconds
+
+    def describe(self) -> str:
+        return describe_mask(self.mask)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (what ``knapspec plan --json`` prints, plus the mask)."""
+        return {
+            "context": round(self.cost.context),
+            "strategy": self.strategy,
+            "attn_skipped": self.attn_skipped,
+            "mlp_skipped": self.mlp_skipped,
+            "draft_length": int(self.draft_length),
+            "predicted_alpha": float(self.alpha),
+            "predicted_tpt": float(self.tokens_per_second),
+            "predicted_speedup": float(self.speedup),
+            "skipped_blocks": [int(b) for b in np.flatnonzero(self.mask)],
+            "draft_step_seconds": self.cost.draft_step_seconds,
+            "verify_seconds": self.cost.verify_seconds,
+            "ar_step_seconds": self.cost.ar_step_seconds,
+        }
+
+
+def select_plan(
+    masks: np.ndarray | Sequence[np.ndarray],
+    alphas: np.ndarray | Sequence[float],
+    cost_model: CostModel,
+    context: float,
+    max_draft_length: int | Sequence[int],
+    *,
+    strategy: str = "",
+    remaining_tokens: int | None = None,
+    switch_seconds: Callable[[np.ndarray], float] | None = None,
+    min_gain: float = 0.0,
+    force: bool = False,
+) -> DraftPlan:
+    """Best (mask, draft length) pair under the TPT objective, or the autoregressive plan.
+
+    Args:
+        masks: ``[K, 2L]`` bool candidate skip masks.
+        alphas: ``[K]`` predicted acceptance per candidate, in [0, 1].
+        cost_model: seconds per block/head/step.
+        context: tokens in the KV cache.
+        max_draft_length: largest draft length ``d`` considered (>= 1), or the explicit
+            sequence of draft lengths to consider.
+        remaining_tokens: tokens still to generate; with ``switch_seconds`` the one-off
+            switch cost is amortised over them (a mask that only pays after the generation
+            ends is not chosen).
+        switch_seconds: cost in seconds of switching to a mask (0 for the current one).
+        min_gain: a draft plan must beat autoregressive by this relative margin to be chosen.
+        force: return the best draft plan even when autoregressive is predicted faster
+            (sweeps that force a plan); needs at least one candidate.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if masks.ndim != 2 or alphas.shape != (masks.shape[0],):
+        raise KnapSpecError(
+            f"masks must be [K, 2L] and alphas [K]; got {masks.shape} and {alphas.shape}"
+        )
+    if np.ndim(max_draft_length) == 0:
+        d = np.arange(1, int(max_draft_length) + 1)  # [D]
+    else:
+        d = np.asarray(max_draft_length, dtype=np.int64)  # [D]
+    if d.size == 0 or d.min() < 1:
+        raise KnapSpecError(f"draft lengths must be >= 1, got {max_draft_length!r}")
+    if force and masks.shape[0] == 0:
+        raise KnapSpecError("force=True needs at least one candidate mask")
+    n_layers = masks.shape[1] // 2
+    # verification of d+1 tokens does not depend on the mask: [D]
+    verify = np.array([cost_model.full_step_seconds(n_layers, context, k + 1) for k in d])
+    ar_step = cost_model.full_step_seconds(n_layers, context, 1)
+    block = cost_model.block_costs(n_layers, context, 1)  # [2L]
+    fixed = cost_model.overhead(1) + cost_model.head(1)
+    draft = fixed + (block[None, :] * ~masks).sum(axis=1)  # [K]
+    tokens = expected_tokens(np.clip(alphas, 0.0, 1.0)[:, None], d[None, :])  # [K, D]
+    rounds = d[None, :] * draft[:, None] + verify[None, :]  # [K, D]
+    tpt = tokens / rounds  # [K, D]
+    switch = np.zeros(len(masks))
+    if switch_seconds is not None:
+        switch = np.array([float(switch_seconds(m)) for m in masks])
+        if remaining_tokens is not None and remaining_tokens > 0:
+            # effective rate over the rest of the generation, switch cost included
+            tpt = remaining_tokens / (remaining_tokens / tpt + switch[:, None])
+    ar_tpt = 1.0 / ar_step
+    best = np.unravel_index(np.argmax(tpt), tpt.shape) if tpt.size else None
+    if best is None or not (force or tpt[best] > ar_tpt * (1.0 + min_gain)):
+        cost = CostBreakdown(
+            context=float(context),
+            draft_step_seconds=ar_step,
+            verify_seconds=ar_step,
+            round_seconds=ar_step,
+            expected_tokens=1.0,
+            ar_step_seconds=ar_step,
+            attn_skipped_seconds=0.0,
+            mlp_skipped_seconds=0.0,
+        )
+        return DraftPlan(
+            mask=np.zeros(2 * n_layers, dtype=bool),
+            draft_length=0,
+            alpha=1.0,
+            tokens_per_second=ar_tpt,
+            cost=cost,
+            strategy=strategy,
+        )
+    k, j = int(best[0]), int(best[1])
+    mask = masks[k].copy()
+    cost = CostBreakdown(
+        context=float(context),
+        draft_step_seconds=float(draft[k]),
+        verify_seconds=float(verify[j]),
+        round_seconds=float(rounds[k, j]),
+        expected_tokens=float(tokens[k, j]),
+        ar_step_seconds=ar_step,
+        attn_skipped_seconds=float(block[0::2][mask[0::2]].sum()),
+        mlp_skipped_seconds=float(block[1::2][mask[1::2]].sum()),
+        switch_seconds=float(switch[k]),
+    )
+    return DraftPlan(
+        mask=mask,
+        draft_length=int(d[j]),
+        alpha=float(alphas[k]),
+        tokens_per_second=float(tpt[k, j]),
+        cost=cost,
+        strategy=strategy,
+    )

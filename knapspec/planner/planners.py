@@ -1,0 +1,235 @@
+"""Planners: decide, at the current context length, which blocks to skip and how far to draft.
+
+``Planner.plan(PlanContext) -> DraftPlan``.  This module holds the backend-free planners:
+
+* ``AutoregressivePlanner``: never drafts.
+* ``StaticPlanner``: a fixed skip mask (and optionally a fixed draft length).
+* ``AdditivePlanner``: KnapSpec with additive per-block fidelity scores; a knapsack frontier
+  over the blocks to keep, for every kept-cost budget, then TPT over (budget, draft length).
+
+The model-in-the-loop dynamic program of the paper needs to run blocks on hidden states; it
+talks to a backend through the ``BlockOracle`` protocol defined here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..blocks import BlockLayout
+from ..costmodels.base import CostModel
+from ..errors import KnapSpecError
+from .plan import DraftPlan, select_plan
+from .proxies import CosineProxy
+from .solvers import knapsack_frontier
+
+
+@dataclass
+class PlanContext:
+    """What a planner knows when asked for a plan."""
+
+    context: int  # tokens currently in the KV cache
+    remaining_tokens: int | None = None  # tokens still to generate (None: unknown)
+    current_mask: np.ndarray | None = None  # [2L] bool mask in use now (None: none yet)
+    switch_seconds: Callable[[np.ndarray], float] | None = None  # cost of moving to a mask
+    oracle: BlockOracle | None = None  # backend access for model-in-the-loop planners
+
+
+@runtime_checkable
+class BlockOracle(Protocol):
+    """What a backend offers a model-in-the-loop planner (the paper's parallel DP).
+
+    Shapes: ``S`` candidate states evaluated together, ``T`` tokens (the last accepted
+    tokens), ``D`` hidden size, ``V`` vocabulary.  States are backend tensors.
+    """
+
+    layout: BlockLayout  # blocks of the model and which are pinned
+
+    def boundary_states(self) -> Any:
+        """Full model's states at every block boundary: ``[2L + 1, T, D]`` (index 0 = input)."""
+        ...
+
+    def apply_block(self, block: int, states: Any) -> Any:
+        """Run block ``block`` on a batch of candidate states ``[S, T, D] -> [S, T, D]``."""
+        ...
+
+    def logits(self, states: Any) -> Any:
+        """Final norm + LM head on states ``[S, T, D] -> [S, T, V]``."""
+        ...
+
+
+class Planner(ABC):
+    """Chooses a ``DraftPlan`` for a context; stateless unless documented otherwise."""
+
+    name: str = ""
+    needs_oracle: bool = False  # True: wants PlanContext.oracle (backend block access)
+
+    @abstractmethod
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        """The plan to use from now on."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook, stateless planners keep the default
+        """Forget per-generation state; called when a generation starts."""
+
+
+class AutoregressivePlanner(Planner):
+    """Plain decoding: every plan has draft length 0."""
+
+    name = "ar"
+
+    def __init__(self, layout: BlockLayout, cost_model: CostModel) -> None:
+        self.layout = layout
+        self.cost_model = cost_model
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        return select_plan(
+            np.zeros((0, self.layout.n_blocks), dtype=bool),
+            np.zeros(0),
+            self.cost_model,
+            ctx.context,
+            1,
+            strategy=self.name,
+        )
+
+
+class StaticPlanner(Planner):
+    """A fixed skip mask with a fixed or TPT-chosen draft length.
+
+    With ``draft_length`` given, that plan is returned even when the cost model predicts it
+    slower than autoregressive (useful for sweeps that force a plan).  Without it, the draft
+    length is chosen by TPT and the autoregressive plan wins when no draft pays.
+    """
+
+    name = "static"
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        cost_model: CostModel,
+        mask: np.ndarray,
+        alpha: float,
+        draft_length: int | None = None,
+        max_draft_length: int = 8,
+    ) -> None:
+        self.layout = layout
+        self.cost_model = cost_model
+        self.mask = layout.validate_mask(mask)
+        if not 0.0 <= alpha <= 1.0:
+            raise KnapSpecError(f"alpha must lie in [0, 1], got {alpha!r}")
+        if draft_length is not None and draft_length < 0:
+            raise KnapSpecError(f"draft_length must be >= 0, got {draft_length}")
+        self.alpha = float(alpha)
+        self.draft_length = draft_length
+        self.max_draft_length = max_draft_length
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        if self.draft_length == 0:
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        forced = self.draft_length is not None
+        return select_plan(
+            self.mask[None, :],
+            [self.alpha],
+            self.cost_model,
+            ctx.context,
+            [self.draft_length] if forced else self.max_draft_length,
+            strategy=self.name,
+            force=forced,
+        )
+
+
+class AdditivePlanner(Planner):
+    """KnapSpec with additive per-block fidelity scores (no model in the loop).
+
+    ``scores[b]`` is the fidelity lost when block ``b`` alone is skipped, measured as
+    ``1 - cos(h_full, h_skip_b)`` of the final hidden states.  For small independent
+    perturbations these losses add (``docs/theory.md``), so a skip set's cosine is estimated
+    as ``1 - sum(scores[skipped])`` and mapped to alpha by the cosine proxy.
+
+    At each plan, the blocks' draft-step costs at the current context are quantised to
+    integer weights (``resolution`` units for all skippable blocks together); the knapsack
+    frontier over blocks to *keep* gives, for every kept-cost budget, the kept set with the
+    most retained fidelity (equivalently, for every skipped-cost budget, the most faithful
+    skip set); every distinct frontier mask is scored for every draft length by TPT.
+    """
+
+    name = "additive"
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        cost_model: CostModel,
+        scores: np.ndarray,
+        proxy: CosineProxy | None = None,
+        max_draft_length: int = 8,
+        resolution: int = 512,
+        method: str = "exact",
+    ) -> None:
+        self.layout = layout
+        self.cost_model = cost_model
+        self.proxy = proxy or CosineProxy()
+        if max_draft_length < 1:
+            raise KnapSpecError(f"max_draft_length must be >= 1, got {max_draft_length}")
+        if resolution < 1:
+            raise KnapSpecError(f"resolution must be >= 1, got {resolution}")
+        self.max_draft_length = int(max_draft_length)
+        self.resolution = int(resolution)
+        self.method = method
+        self.scores = self._check_scores(scores)
+
+    def _check_scores(self, scores: np.ndarray) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        if s.shape != (self.layout.n_blocks,):
+            raise KnapSpecError(
+                f"scores must have shape ({self.layout.n_blocks},), got {s.shape}"
+            )
+        if not np.isfinite(s).all():
+            raise KnapSpecError("scores contain NaN or inf")
+        return np.maximum(s, 0.0)
+
+    def update_scores(self, scores: np.ndarray) -> None:
+        """Replace the per-block scores (e.g. re-measured on the current context)."""
+        self.scores = self._check_scores(scores)
+
+    def candidates(self, context: float) -> tuple[np.ndarray, np.ndarray]:
+        """Frontier masks ``[K, 2L]`` and their predicted alphas ``[K]`` at ``context``."""
+        idx = np.flatnonzero(self.layout.skippable)  # [n] skippable block indices
+        costs = self.cost_model.block_costs(self.layout.n_layers, context, 1)[idx]  # [n] s
+        total = costs.sum()
+        if idx.size == 0 or total <= 0:
+            return np.zeros((0, self.layout.n_blocks), dtype=bool), np.zeros(0)
+        weights = np.rint(costs * (self.resolution / total)).astype(np.int64)  # [n]
+        capacity = int(weights.sum())
+        frontier = knapsack_frontier(self.scores[idx], weights, capacity, method=self.method)
+        masks = []
+        seen = set()
+        for c in range(capacity + 1):
+            keep = frontier.mask(c)  # [n] bool, blocks kept among the skippable
+            key = keep.tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            mask = self.layout.empty_mask()
+            mask[idx[~keep]] = True
+            masks.append(mask)
+        masks_arr = np.array(masks, dtype=bool)  # [K, 2L]
+        est_cos = 1.0 - (masks_arr * self.scores[None, :]).sum(axis=1)  # [K]
+        alphas = np.asarray(self.proxy.alpha_from_cosine(est_cos), dtype=np.float64)
+        keep_any = ~np.all(~masks_arr, axis=1)  # drop the all-kept mask (that is AR)
+        return masks_arr[keep_any], alphas.reshape(-1)[keep_any]
+
+    def plan(self, ctx: PlanContext) -> DraftPlan:
+        masks, alphas = self.candidates(ctx.context)
+        return select_plan(
+            masks,
+            alphas,
+            self.cost_model,
+            ctx.context,
+            self.max_draft_length,
+            strategy=self.name,
+            remaining_tokens=ctx.remaining_tokens,
+            switch_seconds=ctx.switch_seconds,
+        )
