@@ -13,7 +13,6 @@ from knapspec.costmodels import LinearCostModel
 from knapspec.planner import PlanContext
 from knapspec.planner.dp import (
     ClaspPlanner,
-    EarlyExitPlanner,
     KnapSpecPlanner,
     OracleAdditivePlanner,
     StaticSearchPlanner,

@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knapspec.blocks import BlockLayout, default_pinned, describe_mask
-from knapspec.costmodels import LinearCostModel, RooflineCostModel, get_hardware_spec, get_model_spec
+from knapspec.costmodels import (
+    LinearCostModel,
+    RooflineCostModel,
+    get_hardware_spec,
+    get_model_spec,
+)
 from knapspec.errors import KnapSpecError
 from knapspec.planner import (
     AdditivePlanner,
@@ -24,15 +29,16 @@ from knapspec.planner import (
     make_proxy,
     select_plan,
 )
+from knapspec.planner.fidelity import default_scores_for_spec
 
 alphas = st.floats(0.0, 1.0, allow_nan=False)
 lengths = st.integers(0, 32)
 
 
 def _linear(**kw) -> LinearCostModel:
-    base = dict(mlp_s=1e-3, attn_per_token_s=2e-7, attn_base_s=4e-4, head_s=5e-3,
-                overhead_s=1e-3, mlp_per_token_s=3e-4, attn_per_new_token_s=1e-4,
-                head_per_token_s=2e-3)
+    base = dict(mlp_s=1e-3, attn_per_token_s=2e-7, attn_base_s=4e-4, head_s=2e-3,
+                overhead_s=5e-4, mlp_per_token_s=5e-5, attn_per_new_token_s=1e-5,
+                head_per_token_s=2e-4)
     base.update(kw)
     return LinearCostModel(**base)
 
@@ -115,7 +121,7 @@ def test_plan_prefers_the_better_candidate():
     cm = _linear()
     lay = BlockLayout(4)
     cheap = lay.mask_from_blocks([2, 3, 4, 5])
-    slight = lay.mask_from_blocks([2])
+    slight = lay.mask_from_blocks([2, 3])
     plan = select_plan([cheap, slight], [0.95, 0.95], cm, 100, 6)
     assert np.array_equal(plan.mask, cheap)
     plan = select_plan([cheap, slight], [0.0, 0.99], cm, 100, 6)
@@ -232,7 +238,7 @@ def test_additive_planner_frontier_and_choice(method):
     cm = RooflineCostModel(spec, get_hardware_spec("h100"))
     lay = BlockLayout(spec.n_layers)
     planner = AdditivePlanner(lay, cm, default_block_scores(spec.n_layers), method=method)
-    masks, a = planner.candidates(4096)
+    masks, _ = planner.candidates(4096)
     assert len(masks) > 3
     assert not (masks[:, list(lay.pinned)]).any()
     plan = planner.plan(PlanContext(4096))
@@ -245,7 +251,7 @@ def test_long_context_skips_more_attention():
     spec = get_model_spec("llama-3.1-8b")
     cm = RooflineCostModel(spec, get_hardware_spec("h100"))
     lay = BlockLayout(spec.n_layers)
-    planner = AdditivePlanner(lay, cm, default_block_scores(spec.n_layers))
+    planner = AdditivePlanner(lay, cm, default_scores_for_spec(spec.name, spec.n_layers))
     short = planner.plan(PlanContext(1024))
     long = planner.plan(PlanContext(131072))
     assert long.attn_skipped > short.attn_skipped

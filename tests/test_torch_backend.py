@@ -143,6 +143,24 @@ def test_chunked_forward_and_last_logits(backend, qwen3):
         np.testing.assert_allclose(qwen3.lm_head(hidden)[-1].numpy(), ref[-1], atol=1e-4)
 
 
+def test_long_forward_is_chunked(qwen3, monkeypatch):
+    import knapspec.backends.torch_eager as te
+
+    monkeypatch.setattr(te, "PREFILL_CHUNK", 5)
+    be = TorchEagerBackend.from_hf(qwen3, capture_tokens=8)
+    ids = make_ids(43)
+    ref = hf_logits(qwen3, ids)
+    np.testing.assert_allclose(be.forward(ids, capture=True), ref, atol=1e-4, rtol=0)
+    assert tuple(be.final_hidden().shape) == (43, 64)
+    oracle = be.block_oracle()  # the window spans two chunks
+    assert oracle.t0 == 35 and oracle.n_tokens == 8
+    _check_oracle(oracle)
+    be.reset()
+    last = be.forward(ids, capture=True, all_logits=False)
+    np.testing.assert_allclose(last[0], ref[-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(be.block_oracle().boundary_states(), oracle.boundary_states())
+
+
 MASKS = {
     "attn1_mlp2": [2, 5],
     "all_attn": [0, 2, 4, 6],

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PREFILL_CHUNK = 512  # tokens per internal forward pass (bounds the causal mask and scores)
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # GQA in the cached attention (``gqa_sdpa``): the g = H/KV query heads of a KV head are
@@ -69,7 +71,8 @@ class AttnConfig(NamedTuple):
     n_heads: int  # H
     n_kv_heads: int  # KV
     head_dim: int  # hd
-    eps: float  # RMSNorm epsilon
+    eps: float  # RMSNorm epsilon of input_layernorm
+    qk_eps: float  # RMSNorm epsilon of the per-head q/k norms (qwen3)
     scale: float  # softmax scale (hd ** -0.5)
 
 
@@ -142,9 +145,9 @@ def qkv(
     k = F.linear(h, w.wk, w.bk).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
     v = F.linear(h, w.wv, w.bv).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
     if w.q_norm is not None:
-        q = rms_norm(q, w.q_norm, cfg.eps)
+        q = rms_norm(q, w.q_norm, cfg.qk_eps)
     if w.k_norm is not None:
-        k = rms_norm(k, w.k_norm, cfg.eps)
+        k = rms_norm(k, w.k_norm, cfg.qk_eps)
     q = apply_rope(q.transpose(-2, -3), cos, sin)  # [..., H, T, hd]
     k = apply_rope(k.transpose(-2, -3), cos, sin)  # [..., KV, T, hd]
     return q, k, v.transpose(-2, -3)
@@ -154,7 +157,7 @@ def gqa_sdpa(
     q: torch.Tensor,  # [H, T, hd]
     k: torch.Tensor,  # [KV, S, hd] keys of positions 0..S-1
     v: torch.Tensor,  # [KV, S, hd]
-    mask: torch.Tensor | None,  # [T, S] bool (True = attend) or None (T == 1)
+    mask: torch.Tensor | None,  # [g*T, S] additive float from causal_mask, None when T == 1
     scale: float,
 ) -> torch.Tensor:
     """Grouped-query attention for one sequence -> [H, T, hd].
@@ -168,8 +171,6 @@ def gqa_sdpa(
     n_kv = k.shape[0]
     g = n_heads // n_kv
     qf = q.reshape(1, n_kv, g * t, hd)  # head h = kv*g + j, as HF's repeat_kv
-    if mask is not None and g > 1:
-        mask = mask.repeat(g, 1)  # [g*T, S]
     o = F.scaled_dot_product_attention(qf, k[None], v[None], attn_mask=mask, scale=scale)
     return o.view(n_heads, t, hd)  # [1, KV, g*T, hd] -> [H, T, hd]
 
@@ -183,7 +184,7 @@ def attention_block(
     cos: torch.Tensor,  # [T, hd] rope rows of positions start..start+T-1
     sin: torch.Tensor,  # [T, hd]
     start: int,  # position of x[0]; the cache holds valid entries for 0..start-1
-    mask: torch.Tensor | None,  # [T, start+T] bool causal mask, None when T == 1
+    mask: torch.Tensor | None,  # [g*T, start+T] from causal_mask, None when T == 1
 ) -> torch.Tensor:
     """Norm + attention over the cache + residual; writes K/V of the T tokens -> [T, D]."""
     t = x.shape[0]
@@ -194,6 +195,15 @@ def attention_block(
     o = gqa_sdpa(q, k_cache[:, :end], v_cache[:, :end], mask, cfg.scale)  # [H, T, hd]
     o = o.transpose(0, 1).reshape(t, cfg.n_heads * cfg.head_dim)  # [T, H*hd]
     return x + F.linear(o, w.wo, w.bo)
+
+
+def causal_mask(start: int, t: int, n_rep: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal mask of T queries at positions start..start+T-1 over keys 0..start+T-1,
+    repeated for the g = n_rep query heads folded into the query axis -> [g*T, start+T]."""
+    end = start + t
+    allowed = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)  # [T, end]
+    mask = torch.zeros(t, end, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask.repeat(n_rep, 1)
 
 
 def candidate_mask(n_cand: int, n_rep: int, t: int, t0: int) -> torch.Tensor:
@@ -218,7 +228,7 @@ def attention_block_batched(
     v_prefix: torch.Tensor,  # [KV, t0, hd]
     cos: torch.Tensor,  # [T, hd] rope rows of positions t0..t0+T-1
     sin: torch.Tensor,  # [T, hd]
-    mask: torch.Tensor,  # [S*g*T, t0 + S*T] bool, from candidate_mask
+    mask: torch.Tensor,  # [S*g*T, t0 + S*T] bool or additive float, see candidate_mask
 ) -> torch.Tensor:
     """The attention block on S candidates at once, reading (never writing) the cache.
 
@@ -229,13 +239,12 @@ def attention_block_batched(
     candidate to the prefix and its own keys.  Returns [S, T, D].
     """
     s, t, _ = x.shape
-    n_kv, t0, hd = k_prefix.shape
+    n_kv, _, hd = k_prefix.shape
     g = cfg.n_heads // n_kv
     q, k, v = qkv(rms_norm(x, w.norm, cfg.eps), w, cfg, cos, sin)  # [S,H,T,hd] [S,KV,T,hd]
     qf = q.view(s, n_kv, g, t, hd).transpose(0, 1).reshape(1, n_kv, s * g * t, hd)
-    kf = torch.cat(
-        [k_prefix, k.transpose(0, 1).reshape(n_kv, s * t, hd)], dim=1
-    )  # [KV, t0+S*T, hd]
+    # keys/values: the prefix once, then every candidate's own T -> [KV, t0 + S*T, hd]
+    kf = torch.cat([k_prefix, k.transpose(0, 1).reshape(n_kv, s * t, hd)], dim=1)
     vf = torch.cat([v_prefix, v.transpose(0, 1).reshape(n_kv, s * t, hd)], dim=1)
     o = F.scaled_dot_product_attention(qf, kf[None], vf[None], attn_mask=mask, scale=cfg.scale)
     o = o.view(n_kv, s, g, t, hd).transpose(0, 1)  # [S, KV, g, T, hd]
@@ -280,6 +289,13 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 _END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<|endoftext|>")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if int(threads) < 1:
+            raise KnapSpecError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
 
 
 def _norm_eps(module: Any, default: float) -> float:
@@ -336,10 +352,7 @@ class TorchEagerBackend(Backend):
     ) -> None:
         from ..models import LoadedModel, load_torch_model
 
-        if threads is not None:
-            if int(threads) < 1:
-                raise KnapSpecError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(int(threads))
+        _set_threads(threads)
         if isinstance(model, LoadedModel):
             loaded = model
         elif model is None or isinstance(model, (str, os.PathLike)):
@@ -374,10 +387,7 @@ class TorchEagerBackend(Backend):
     ) -> TorchEagerBackend:
         """A backend over a ``transformers`` causal-LM object (tokenizer optional)."""
         self = cls.__new__(cls)
-        if threads is not None:
-            if int(threads) < 1:
-                raise KnapSpecError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(int(threads))
+        _set_threads(threads)
         self.loaded = None
         name = str(getattr(model.config, "_name_or_path", "") or "")
         cfg = model.config
@@ -443,9 +453,10 @@ class TorchEagerBackend(Backend):
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
         eps = _norm_eps(layers[0].input_layernorm, float(config.rms_norm_eps))
-        self.attn_cfg = AttnConfig(
-            n_heads, n_kv, head_dim, eps, float(getattr(a0, "scaling", head_dim**-0.5))
-        )
+        q_norm = getattr(a0, "q_norm", None)
+        qk_eps = eps if q_norm is None else _norm_eps(q_norm, eps)
+        scale = float(getattr(a0, "scaling", head_dim**-0.5))
+        self.attn_cfg = AttnConfig(n_heads, n_kv, head_dim, eps, qk_eps, scale)
         self.eps = eps
         self.dim = int(config.hidden_size)
 
@@ -504,6 +515,14 @@ class TorchEagerBackend(Backend):
         self.max_context = max_context
 
         # ---- RoPE tables for every position, from the HF rotary module (rope scaling incl.)
+        rope_type = str(getattr(body.rotary_emb, "rope_type", "default"))
+        if "dynamic" in rope_type:
+            log.warning(
+                "rope type %r: cos/sin are tabulated once for %d positions, so the dynamic "
+                "scaling of the longest context applies to all positions",
+                rope_type,
+                max_context,
+            )
         with torch.inference_mode():
             pos = torch.arange(max_context).unsqueeze(0)  # [1, C]
             dummy = torch.zeros(1, dtype=self.dtype)
@@ -516,7 +535,7 @@ class TorchEagerBackend(Backend):
             self.v_cache = torch.zeros(shape, dtype=self.dtype)
 
         self.layout = BlockLayout(n_layers)
-        self.vocab_size = int(self.embed_w.shape[0] if self.out_w is None else self.out_w.shape[0])
+        self.vocab_size = int(self.out_w.shape[0])
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._length = 0
         self._cap: torch.Tensor | None = None  # [2L+1, Tc, D] captured boundary states
@@ -611,8 +630,10 @@ class TorchEagerBackend(Backend):
         n = len(ids)
         if n == 0:
             raise KnapSpecError("forward needs at least one token")
-        if min(ids) < 0 or max(ids) >= self.embed_w.shape[0]:
-            raise KnapSpecError(f"token ids must lie in [0, {self.embed_w.shape[0]}), got {ids}")
+        n_embed = self.embed_w.shape[0]
+        if min(ids) < 0 or max(ids) >= n_embed:
+            bad = next(i for i in ids if not 0 <= i < n_embed)
+            raise KnapSpecError(f"token id {bad} out of range [0, {n_embed})")
         skip = self._check_mask(mask)
         if capture and skip is not None:
             raise KnapSpecError("capture=True needs the full model (mask=None)")
@@ -623,27 +644,40 @@ class TorchEagerBackend(Backend):
                 f"{self.max_context}"
             )
         with torch.inference_mode():
-            logits = self._forward(ids, start, skip, capture, all_logits)
+            finals, logits = [], []
+            for a in range(0, n, PREFILL_CHUNK):  # long prompts in chunks: bounded memory
+                chunk = ids[a : a + PREFILL_CHUNK]
+                wanted = capture and a + len(chunk) > n - self.capture_tokens
+                h = self._forward(chunk, start + a, skip, wanted)  # [t, D]
+                finals.append(h)
+                if all_logits:
+                    logits.append(F.linear(h, self.out_w, self.out_b).float())  # [t, V]
+            h = finals[0] if len(finals) == 1 else torch.cat(finals)  # [n, D]
+            if not all_logits:
+                logits = [F.linear(h[-1:], self.out_w, self.out_b).float()]  # [1, V]
+            out = (logits[0] if len(logits) == 1 else torch.cat(logits)).numpy()
+        self._final = h
         self._length = start + n
-        return logits
+        return out
 
     def _forward(
-        self, ids: list[int], start: int, skip: np.ndarray | None, capture: bool, all_logits: bool
-    ) -> np.ndarray:
+        self, ids: list[int], start: int, skip: np.ndarray | None, capture: bool
+    ) -> torch.Tensor:
+        """Blocks over ``ids`` at positions start..; returns final-norm states [T, D]."""
         n = len(ids)
         end = start + n
         x = F.embedding(torch.tensor(ids, dtype=torch.long), self.embed_w)  # [T, D]
         cos, sin = self.cos[start:end], self.sin[start:end]  # [T, hd]
-        mask = None
-        if n > 1:  # query i (position start+i) sees keys 0..start+i
-            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+        cfg, act, eps = self.attn_cfg, self.act, self.eps
+        mask = None  # one query sees every cached key: no mask
+        if n > 1:  # query i (position start+i) sees keys 0..start+i; built once for all layers
+            mask = causal_mask(start, n, cfg.n_heads // cfg.n_kv_heads, self.dtype)
         keep = min(n, self.capture_tokens)
         # boundary states of the last `keep` tokens, each [keep, D] (copied when a slice, so
         # a long prefill does not keep every block's [T, D] activations alive)
         grab = (lambda t: t) if keep == n else (lambda t: t[n - keep :].clone())
         states = [grab(x)] if capture else None
         skipped = skip.tolist() if skip is not None else None
-        cfg, act, eps = self.attn_cfg, self.act, self.eps
         for i in range(self.layout.n_layers):
             if skipped is None or not skipped[2 * i]:
                 x = attention_block(
@@ -655,12 +689,9 @@ class TorchEagerBackend(Backend):
                 x = mlp_block(x, self.mlp_w[i], eps, act)
             if states is not None:
                 states.append(grab(x))
-        h = rms_norm(x, self.norm_w, self.norm_eps)  # [T, D]
-        self._final = h
         if states is not None:
             self._store_capture(torch.stack(states), end - keep)
-        out = h if all_logits else h[-1:]
-        return F.linear(out, self.out_w, self.out_b).float().numpy()  # [n or 1, V]
+        return rms_norm(x, self.norm_w, self.norm_eps)  # [T, D]
 
     def _store_capture(self, new: torch.Tensor, first: int) -> None:
         """Append captured states ``new`` [2L+1, k, D] of positions first..first+k-1."""
@@ -763,7 +794,9 @@ class TorchBlockOracle:
             n_cand = states.shape[0]
             if self._mask is None or self._mask[0] != n_cand:  # built once per S
                 n_rep = be.attn_cfg.n_heads // be.attn_cfg.n_kv_heads
-                self._mask = (n_cand, candidate_mask(n_cand, n_rep, self.n_tokens, self.t0))
+                allowed = candidate_mask(n_cand, n_rep, self.n_tokens, self.t0)
+                additive = torch.zeros(allowed.shape, dtype=states.dtype)  # SDPA would convert
+                self._mask = (n_cand, additive.masked_fill_(~allowed, float("-inf")))
             return attention_block_batched(
                 states, be.attn_w[layer], be.attn_cfg,
                 be.k_cache[layer, :, : self.t0], be.v_cache[layer, :, : self.t0],

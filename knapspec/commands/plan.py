@@ -22,7 +22,8 @@ from ..costmodels import (
     load_cost_model,
 )
 from ..errors import KnapSpecError, MissingDependencyError
-from ..planner import AdditivePlanner, PlanContext, default_block_scores, load_block_scores
+from ..planner import AdditivePlanner, PlanContext, load_block_scores
+from ..planner.fidelity import default_scores_for_spec
 
 DEFAULT_CONTEXTS = (512, 2048, 8192, 32768, 131072)
 
@@ -92,7 +93,7 @@ def make_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.scores:
         scores = load_block_scores(args.scores, spec.n_layers)
     else:
-        scores = default_block_scores(spec.n_layers)
+        scores = default_scores_for_spec(spec.name, spec.n_layers)
     planner = AdditivePlanner(
         layout, cost_model, scores, max_draft_length=args.max_draft_length,
         resolution=args.resolution, method=args.method,

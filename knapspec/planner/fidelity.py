@@ -22,6 +22,8 @@ import numpy as np
 from ..errors import KnapSpecError
 
 DEFAULT_PROFILE = "fidelity_smollm2-135m.json"
+MEASURED_MODEL = "smollm2-135m"  # the model spec the default profile was measured on
+LARGE_MODEL_HALF_SKIP_ALPHA = 0.85  # see default_block_scores
 
 
 def _interleave(attn: np.ndarray, mlp: np.ndarray) -> np.ndarray:
@@ -67,10 +69,65 @@ def _profile_from_obj(obj: Any, n_layers: int, where: str) -> np.ndarray:
     return resample_profile(attn, mlp, n_layers)
 
 
-def default_block_scores(n_layers: int) -> np.ndarray:
-    """``[2 * n_layers]`` default scores (measured on SmolLM2-135M, resampled)."""
+def default_block_scores(n_layers: int, half_skip_alpha: float | None = None) -> np.ndarray:
+    """``[2 * n_layers]`` default scores: measured on SmolLM2-135M, resampled by depth.
+
+    Args:
+        n_layers: layers of the target model.
+        half_skip_alpha: if given, rescale the profile so that skipping the least important
+            half of the skippable blocks (first and last layer pinned) is predicted, by the
+            default ``CosineProxy``, to be accepted with this probability.  The measured
+            profile of a 135M model is far too pessimistic for 7-70B models, which are much
+            more redundant (self-speculative papers report acceptance around 0.8-0.9 with
+            40-50% of layers skipped on 7-13B models: SWIFT, Xia et al., 2024; CLaSp, Chen
+            et al., 2025); ``knapspec plan`` uses 0.85 for models other than SmolLM2-135M.
+    """
     text = resources.files("knapspec.data").joinpath(DEFAULT_PROFILE).read_text("utf-8")
-    return _profile_from_obj(json.loads(text), n_layers, DEFAULT_PROFILE)
+    scores = _profile_from_obj(json.loads(text), n_layers, DEFAULT_PROFILE)
+    if half_skip_alpha is None:
+        return scores
+    if not 0.0 < half_skip_alpha < 1.0:
+        raise KnapSpecError(f"half_skip_alpha must lie in (0, 1), got {half_skip_alpha!r}")
+    inner = np.sort(scores[2:-2]) if n_layers > 2 else np.sort(scores)
+    half = inner[: max(len(inner) // 2, 1)]  # the least important half of the skippable
+    lo, hi = 0.0, 1.0  # bisection on the scale k: acceptance of skipping `half` at k
+    if half.sum() <= 0:
+        return scores
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if additive_alpha(half * mid) > half_skip_alpha:
+            lo = mid
+        else:
+            hi = mid
+    return scores * lo
+
+
+def block_log_acceptance(scores: np.ndarray, proxy: Any = None) -> np.ndarray:
+    """``-log alpha_b`` per block: the acceptance lost when block ``b`` alone is skipped.
+
+    ``alpha_b`` maps the block's cosine ``1 - scores[b]`` through the cosine proxy.
+    """
+    from .proxies import CosineProxy
+
+    proxy = proxy or CosineProxy()
+    a = np.asarray(proxy.alpha_from_cosine(1.0 - np.asarray(scores, dtype=np.float64)))
+    return -np.log(np.clip(a, 1e-12, 1.0))
+
+
+def additive_alpha(skipped_scores: np.ndarray, proxy: Any = None) -> float:
+    """Acceptance of skipping blocks with these scores: ``prod_b alpha_b``.
+
+    Assumes each skipped block independently breaks a token (``docs/theory.md``).
+    """
+    return float(np.exp(-block_log_acceptance(skipped_scores, proxy).sum()))
+
+
+def default_scores_for_spec(name: str, n_layers: int) -> np.ndarray:
+    """The default profile for a named model spec: measured as is for SmolLM2-135M, rescaled
+    to ``LARGE_MODEL_HALF_SKIP_ALPHA`` for other (larger) models."""
+    if name == MEASURED_MODEL:
+        return default_block_scores(n_layers)
+    return default_block_scores(n_layers, half_skip_alpha=LARGE_MODEL_HALF_SKIP_ALPHA)
 
 
 def load_block_scores(path: str | Path, n_layers: int) -> np.ndarray:
