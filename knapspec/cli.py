@@ -27,7 +27,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="knapspec", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="knapspec",
+        description="Adaptive self-speculative decoding: skip blocks while drafting, chosen "
+        "as a knapsack over tokens per time (KnapSpec).",
+    )
     parser.add_argument("--version", action="version", version=f"knapspec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -274,6 +274,7 @@ class SpeculativeDecoder:
             current_mask=None if current is None else current.mask,
             switch_seconds=self.backend.switch_seconds,
             oracle=self.backend.block_oracle() if self.planner.needs_oracle else None,
+            generated=len(res.tokens),
         )
         plan = self.planner.plan(ctx)
         dt = self.clock() - t0

@@ -22,6 +22,10 @@ from knapspec.planner.dp import (
 from knapspec.planner.factory import STRATEGIES, make_planner
 
 
+# a prior fidelity profile for a very redundant model: the search is worth running
+REDUNDANT = np.full(8, 1e-4)
+
+
 class NumpyOracle:
     """Blocks are residual maps x + tanh(x W_b) * g_b; logits are x U."""
 
@@ -100,9 +104,9 @@ def test_dp_merges_to_the_most_similar_candidate():
 
 def test_knapspec_planner_runs_one_batched_call_per_block():
     oracle = NumpyOracle(n_layers=4)
-    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=6)
+    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=6, prior_scores=REDUNDANT)
     oracle.calls = 0
-    plan = planner.plan(PlanContext(context=100, oracle=oracle))
+    plan = planner.plan(PlanContext(context=100, oracle=oracle, generated=8))
     # boundary_states uses 2L calls per invocation; the DP itself one call per block
     assert planner.dp_runs == 1
     assert oracle.calls <= 2 * oracle.layout.n_blocks * 3
@@ -112,14 +116,15 @@ def test_knapspec_planner_runs_one_batched_call_per_block():
 
 def test_knapspec_planner_reuses_candidates_until_context_grows():
     oracle = NumpyOracle(n_layers=4, gains=[0.05] * 8)
-    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), rerun_growth=1.0)
-    planner.plan(PlanContext(context=100, oracle=oracle))
-    planner.plan(PlanContext(context=150, oracle=oracle))
+    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), rerun_growth=1.0,
+                              prior_scores=REDUNDANT)
+    planner.plan(PlanContext(context=100, oracle=oracle, generated=8))
+    planner.plan(PlanContext(context=150, oracle=oracle, generated=8))
     assert planner.dp_runs == 1
-    planner.plan(PlanContext(context=250, oracle=oracle))
+    planner.plan(PlanContext(context=250, oracle=oracle, generated=8))
     assert planner.dp_runs == 2
     planner.reset()
-    planner.plan(PlanContext(context=250, oracle=oracle))
+    planner.plan(PlanContext(context=250, oracle=oracle, generated=8))
     assert planner.dp_runs == 3
 
 
@@ -131,7 +136,7 @@ def test_knapspec_planner_skips_the_search_when_drafting_cannot_pay():
     oracle = NumpyOracle(n_layers=4)
     planner = KnapSpecPlanner(oracle.layout, cm)
     oracle.calls = 0
-    plan = planner.plan(PlanContext(context=100, oracle=oracle, remaining_tokens=100))
+    plan = planner.plan(PlanContext(context=100, oracle=oracle, remaining_tokens=100, generated=8))
     assert plan.is_autoregressive
     assert planner.dp_runs == 0
 
@@ -140,8 +145,9 @@ def test_faithful_blocks_are_skipped_first():
     # blocks 2..5 barely change the state: those are the ones worth skipping
     gains = [0.8, 0.8, 0.01, 0.01, 0.01, 0.01, 0.8, 0.8]
     oracle = NumpyOracle(n_layers=4, gains=gains, t=8)
-    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=8)
-    plan = planner.plan(PlanContext(context=100, oracle=oracle))
+    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=8,
+                              prior_scores=REDUNDANT)
+    plan = planner.plan(PlanContext(context=100, oracle=oracle, generated=8))
     assert not plan.is_autoregressive
     assert set(np.flatnonzero(plan.mask)) <= {2, 3, 4, 5}
     assert plan.alpha == 1.0
@@ -150,7 +156,7 @@ def test_faithful_blocks_are_skipped_first():
 def test_clasp_skips_exactly_n_layers():
     oracle = NumpyOracle(n_layers=5)
     planner = ClaspPlanner(oracle.layout, fake_cost_model(), n_skip_layers=2, draft_length=3)
-    plan = planner.plan(PlanContext(context=10, oracle=oracle))
+    plan = planner.plan(PlanContext(context=10, oracle=oracle, generated=8))
     assert plan.draft_length == 3
     assert plan.attn_skipped == plan.mlp_skipped == 2
     layers = np.flatnonzero(plan.mask[0::2])
@@ -160,7 +166,7 @@ def test_clasp_skips_exactly_n_layers():
 def test_early_exit_drops_trailing_layers():
     oracle = NumpyOracle(n_layers=5, gains=[0.8] * 6 + [0.01] * 4)
     planner = make_planner("early-exit", oracle.layout, fake_cost_model(), 4)
-    plan = planner.plan(PlanContext(context=10, oracle=oracle))
+    plan = planner.plan(PlanContext(context=10, oracle=oracle, generated=8))
     assert not plan.is_autoregressive
     k = np.flatnonzero(plan.mask)
     assert k.size and np.array_equal(k, np.arange(k[0], 10))  # a suffix of the blocks
@@ -182,10 +188,10 @@ def test_oracle_block_scores_match_single_skips():
 def test_additive_and_static_search_planners_use_the_oracle():
     oracle = NumpyOracle(n_layers=4, gains=[0.8, 0.8, 0.01, 0.01, 0.01, 0.01, 0.8, 0.8])
     add = OracleAdditivePlanner(oracle.layout, fake_cost_model())
-    plan = add.plan(PlanContext(context=100, oracle=oracle))
+    plan = add.plan(PlanContext(context=100, oracle=oracle, generated=8))
     assert set(np.flatnonzero(plan.mask)) <= {2, 3, 4, 5}
-    static = StaticSearchPlanner(oracle.layout, fake_cost_model())
-    first = static.plan(PlanContext(context=100, oracle=oracle))
+    static = StaticSearchPlanner(oracle.layout, fake_cost_model(), prior_scores=REDUNDANT)
+    first = static.plan(PlanContext(context=100, oracle=oracle, generated=8))
     assert not static.needs_oracle
     later = static.plan(PlanContext(context=5000, oracle=None))
     assert later is first
@@ -195,7 +201,7 @@ def test_additive_and_static_search_planners_use_the_oracle():
 def test_every_strategy_builds_and_plans(strategy):
     oracle = NumpyOracle(n_layers=4)
     planner = make_planner(strategy, oracle.layout, fake_cost_model(), 4)
-    plan = planner.plan(PlanContext(context=64, oracle=oracle, remaining_tokens=100))
+    plan = planner.plan(PlanContext(context=64, oracle=oracle, remaining_tokens=100, generated=8))
     assert plan.draft_length <= 4
     assert plan.tokens_per_second > 0
 
@@ -206,3 +212,12 @@ def test_unknown_strategy():
     with pytest.raises(KnapSpecError, match="unknown strategy"):
         make_planner("nope", BlockLayout(4), fake_cost_model())
     assert list(itertools.islice(STRATEGIES, 1)) == ["knapspec"]
+
+
+def test_oracle_planners_wait_for_generated_tokens():
+    oracle = NumpyOracle(n_layers=4, gains=[0.8, 0.8, 0.01, 0.01, 0.01, 0.01, 0.8, 0.8])
+    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), prior_scores=REDUNDANT)
+    early = planner.plan(PlanContext(context=100, oracle=oracle, generated=1))
+    assert early.is_autoregressive and planner.dp_runs == 0
+    later = planner.plan(PlanContext(context=108, oracle=oracle, generated=8))
+    assert planner.dp_runs == 1 and not later.is_autoregressive

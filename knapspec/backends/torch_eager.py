@@ -348,7 +348,7 @@ class TorchEagerBackend(Backend):
         dtype: torch.dtype | None = torch.float32,
         threads: int | None = None,
         max_context: int | None = None,
-        capture_tokens: int = 16,
+        capture_tokens: int = 8,
     ) -> None:
         from ..models import LoadedModel, load_torch_model
 
@@ -383,7 +383,7 @@ class TorchEagerBackend(Backend):
         dtype: torch.dtype | None = None,
         threads: int | None = None,
         max_context: int | None = None,
-        capture_tokens: int = 16,
+        capture_tokens: int = 8,
     ) -> TorchEagerBackend:
         """A backend over a ``transformers`` causal-LM object (tokenizer optional)."""
         self = cls.__new__(cls)
@@ -778,8 +778,9 @@ class TorchBlockOracle:
         return self._states
 
     def apply_block(self, block: int, states: torch.Tensor) -> torch.Tensor:
-        """Run block ``block`` on ``states`` ``[S, T, D]`` -> ``[S, T, D]``."""
+        """Run block ``block`` on ``states`` ``[S, T, D]`` -> ``[S, T, D]`` (tensor or array)."""
         be = self.backend
+        states = torch.as_tensor(states, dtype=self._states.dtype)
         block = int(block)
         if not 0 <= block < self.layout.n_blocks:
             raise KnapSpecError(f"block {block} out of range (0..{self.layout.n_blocks - 1})")
@@ -804,7 +805,8 @@ class TorchBlockOracle:
             )  # fmt: skip
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: ``[S, T, D] -> [S, T, V]``."""
+        """Final norm + LM head: ``[S, T, D] -> [S, T, V]`` (tensor or array in)."""
         be = self.backend
+        states = torch.as_tensor(states, dtype=self._states.dtype)
         with torch.inference_mode():
             return head(states, be.norm_w, be.norm_eps, be.out_w, be.out_b)

@@ -1,6 +1,6 @@
 """Subcommands of the ``knapspec`` CLI; each module has ``add_parser(subparsers)``."""
 
-from . import plan
+from . import bench, generate, plan, profile
 
 #: modules in the order ``knapspec --help`` lists them
-COMMANDS = (plan,)
+COMMANDS = (generate, bench, plan, profile)

@@ -138,7 +138,10 @@ class KnapSpecPlanner(Planner):
     keep that off the hot path, the DP is re-run only when the context has grown by
     ``rerun_growth`` (relative) since the last run; in between, the surviving candidates
     (masks and alphas) are re-scored by TPT with the cost model at the current context,
-    which is what changes fastest.
+    which is what changes fastest.  Before searching, a prior (the additive planner on a
+    fidelity profile, no model calls) must predict that some draft pays back the search;
+    otherwise the planner decodes plainly.  It waits for ``min_generated`` generated tokens
+    so the oracle's window holds generated text rather than the chat template.
     """
 
     name = "knapspec"
@@ -152,6 +155,8 @@ class KnapSpecPlanner(Planner):
         resolution: int = 12,
         proxy: str = "top1",
         rerun_growth: float = 1.0,
+        min_generated: int = 8,
+        prior_scores: np.ndarray | None = None,
     ) -> None:
         if resolution < 1:
             raise KnapSpecError(f"resolution must be >= 1, got {resolution}")
@@ -166,6 +171,13 @@ class KnapSpecPlanner(Planner):
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
         self._dp_context = -1
         self.dp_runs = 0  # how many times the DP ran (diagnostics)
+        self.min_generated = int(min_generated)
+        if prior_scores is None:
+            from .fidelity import default_block_scores
+
+            prior_scores = default_block_scores(layout.n_layers)
+        self._prior = AdditivePlanner(layout, cost_model, prior_scores,
+                                      max_draft_length=self.max_draft_length)
 
     def reset(self) -> None:
         """Forget candidates (a new generation starts)."""
@@ -200,16 +212,14 @@ class KnapSpecPlanner(Planner):
         return masks, alphas_from_logits(logits[:-1], logits[-1], self.proxy)
 
     def worth_searching(self, ctx: PlanContext, tokens: int) -> bool:
-        """Can any draft beat autoregressive by more than the search costs?
+        """Can a draft beat autoregressive by more than the search costs?
 
-        Upper bound: every skippable block skipped, every draft accepted.  The search costs
+        The prior is the additive planner on the prior fidelity profile (no model calls):
+        its best plan's predicted gain over the remaining tokens must exceed the search cost,
         about one forward of ``S * tokens`` tokens (``S = resolution + 1`` states), priced by
-        the cost model.  Without a known number of remaining tokens only the bound counts.
+        the cost model.  Without a known number of remaining tokens only the prior counts.
         """
-        best = select_plan(
-            self.layout.skippable[None, :], [1.0], self.cost_model, ctx.context,
-            self.max_draft_length,
-        )
+        best = self._prior.plan(PlanContext(context=ctx.context))
         if best.is_autoregressive:
             return False
         if ctx.remaining_tokens is None:
@@ -222,6 +232,9 @@ class KnapSpecPlanner(Planner):
         return saved > search
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
+        if ctx.generated < self.min_generated and self._candidates is None:
+            # the captured window still holds prompt/template tokens: wait for real ones
+            return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
         grown = ctx.context >= self._dp_context * (1.0 + self.rerun_growth)
         if (ctx.oracle is not None and (self._candidates is None or grown)
                 and not self.worth_searching(ctx, self._oracle_tokens(ctx.oracle))):
@@ -286,7 +299,7 @@ class ClaspPlanner(KnapSpecPlanner):
         return self._score(oracle, masks[pick], states[pick], full[-1])
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
-        if ctx.oracle is not None:
+        if ctx.oracle is not None and ctx.generated >= self.min_generated:
             self._candidates = self.candidates(ctx.oracle, ctx.context)
             self.dp_runs += 1
         if self._candidates is None or len(self._candidates[0]) == 0:
@@ -309,9 +322,10 @@ class EarlyExitPlanner(Planner):
 
     def __init__(
         self, layout: BlockLayout, cost_model: CostModel, max_draft_length: int = 8,
-        proxy: str = "top1", min_layers: int = 2,
+        proxy: str = "top1", min_layers: int = 2, min_generated: int = 8,
     ) -> None:
         self.layout = layout
+        self.min_generated = int(min_generated)
         self.cost_model = cost_model
         self.max_draft_length = int(max_draft_length)
         self.proxy = proxy
@@ -323,7 +337,7 @@ class EarlyExitPlanner(Planner):
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         L = self.layout.n_layers
-        if ctx.oracle is not None:
+        if ctx.oracle is not None and ctx.generated >= self.min_generated:
             full = _np(ctx.oracle.boundary_states())  # [2L + 1, T, D]
             exits = list(range(self.min_layers, L))  # layers kept
             states = np.stack([full[2 * m] for m in exits] + [full[-1]])
@@ -339,6 +353,26 @@ class EarlyExitPlanner(Planner):
                            self.max_draft_length, strategy=self.name)
 
 
+def masked_final_states(oracle: BlockOracle, masks: np.ndarray) -> np.ndarray:
+    """Final states ``[K, T, D]`` of ``K`` skip masks ``[K, 2L]``, all in one batched pass."""
+    masks = np.asarray(masks, dtype=bool)
+    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
+    states = np.repeat(full[:1], len(masks), axis=0)  # [K, T, D]
+    for b in range(full.shape[0] - 1):
+        run = ~masks[:, b]
+        if run.any():
+            states[run] = _np(oracle.apply_block(b, states[run]))
+    return states
+
+
+def mask_alphas(oracle: BlockOracle, masks: np.ndarray, proxy: str = "top1") -> np.ndarray:
+    """Acceptance ``[K]`` of each mask from its logits' agreement with the full model."""
+    full = _np(oracle.boundary_states())
+    states = masked_final_states(oracle, masks)
+    logits = _np(oracle.logits(np.concatenate([states, full[-1:]])))  # [K + 1, T, V]
+    return alphas_from_logits(logits[:-1], logits[-1], proxy)
+
+
 def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
     """``[2L]`` fidelity loss ``1 - cos`` of the final state when each block alone is skipped.
 
@@ -347,11 +381,7 @@ def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
     """
     full = _np(oracle.boundary_states())  # [2L + 1, T, D]
     n_blocks = full.shape[0] - 1
-    states = np.repeat(full[:1], n_blocks, axis=0)  # [2L, T, D]
-    for b in range(n_blocks):
-        out = _np(oracle.apply_block(b, states))
-        out[b] = states[b]  # candidate b skips block b
-        states = out
+    states = masked_final_states(oracle, np.eye(n_blocks, dtype=bool))
     return 1.0 - mean_cosine(states, full[-1])
 
 
@@ -362,13 +392,14 @@ class OracleAdditivePlanner(AdditivePlanner):
     needs_oracle = True
 
     def __init__(
-        self, layout: BlockLayout, cost_model: CostModel, rerun_growth: float = 0.25,
-        **kwargs: Any,
+        self, layout: BlockLayout, cost_model: CostModel, rerun_growth: float = 1.0,
+        min_generated: int = 8, **kwargs: Any,
     ) -> None:
         from .fidelity import default_block_scores
 
         super().__init__(layout, cost_model, default_block_scores(layout.n_layers), **kwargs)
         self.rerun_growth = float(rerun_growth)
+        self.min_generated = int(min_generated)
         self._measured_context = -1
 
     def reset(self) -> None:
@@ -376,7 +407,8 @@ class OracleAdditivePlanner(AdditivePlanner):
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         grown = ctx.context >= self._measured_context * (1.0 + self.rerun_growth)
-        if ctx.oracle is not None and (self._measured_context < 0 or grown):
+        ready = ctx.oracle is not None and ctx.generated >= self.min_generated
+        if ready and (self._measured_context < 0 or grown):
             self.update_scores(oracle_block_scores(ctx.oracle))
             self._measured_context = ctx.context
         return super().plan(ctx)
@@ -398,12 +430,13 @@ class StaticSearchPlanner(Planner):
         self.needs_oracle = True
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
-        if self.fixed is None and ctx.oracle is not None:
-            self.fixed = self.inner.plan(ctx)
+        if self.fixed is not None:
+            return self.fixed
+        plan = self.inner.plan(ctx)
+        if ctx.oracle is not None and ctx.generated >= self.inner.min_generated:
+            self.fixed = plan  # searched once: keep it for the rest of the generation
             self.needs_oracle = False
-        if self.fixed is None:
-            return self.inner.plan(ctx)
-        return self.fixed
+        return plan
 
 
 __all__ = [

@@ -38,6 +38,7 @@ class PlanContext:
     current_mask: np.ndarray | None = None  # [2L] bool mask in use now (None: none yet)
     switch_seconds: Callable[[np.ndarray], float] | None = None  # cost of moving to a mask
     oracle: BlockOracle | None = None  # backend access for model-in-the-loop planners
+    generated: int = 0  # tokens generated so far in this generation
 
 
 @runtime_checkable

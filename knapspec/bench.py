@@ -1,0 +1,298 @@
+"""Benchmarks of strategies and Hugging Face peers on real prompts, and the forced-plan sweep.
+
+Everything that is compared is measured in the same process, on the same backend and
+prompts, with warm-up first; figures are medians over repeats.  Speedups are ratios to the
+same backend's autoregressive decoding of the same prompt in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Backend
+from .costmodels.base import CostModel
+from .decoding import GenerationConfig, SpeculativeDecoder
+from .errors import KnapSpecError
+from .planner.factory import make_planner
+from .planner.plan import select_plan
+from .planner.planners import StaticPlanner
+
+log = logging.getLogger(__name__)
+
+BOOKS = ("pg1342.txt", "pg84.txt")
+
+
+def default_data_dir() -> Path:
+    """``../shared/data`` beside the project checkout (where the evaluation text lives)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Prompt:
+    """One benchmark prompt, already tokenized."""
+
+    name: str  # where it came from
+    context: int  # target context length in tokens (the bucket)
+    ids: list[int]  # token ids, chat template applied
+
+
+def load_specbench(path: Path, n: int, categories: Sequence[str] = ("mt_bench", "qa")) -> list[str]:
+    """First-turn prompts of Spec-Bench questions from the given categories."""
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise KnapSpecError(f"benchmark data not found: {path}") from None
+    for line in lines:
+        obj = json.loads(line)
+        if obj.get("category") in categories:
+            out.append(obj["turns"][0])
+        if len(out) >= n:
+            break
+    if not out:
+        raise KnapSpecError(f"no prompts of categories {list(categories)} in {path}")
+    return out
+
+
+def make_prompts(
+    backend: Backend, contexts: Sequence[int], n_prompts: int, data: Path | None = None
+) -> list[Prompt]:
+    """Prompts per context bucket: Spec-Bench questions for short contexts (< 500 tokens),
+    book slices with a summarisation request filling the context for long ones."""
+    data_dir = data.parent if data and data.is_file() else (data or default_data_dir())
+    spec_path = data if data and data.is_file() else data_dir / "specbench_dev.jsonl"
+    prompts: list[Prompt] = []
+    for c in contexts:
+        if c < 500:
+            for i, q in enumerate(load_specbench(spec_path, n_prompts)):
+                prompts.append(Prompt(f"specbench[{i}]", c, backend.encode(q)))
+            continue
+        for i in range(n_prompts):
+            book = BOOKS[i % len(BOOKS)]
+            try:
+                text = (data_dir / book).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise KnapSpecError(f"benchmark book not found: {data_dir / book}") from None
+            start = 30_000 + 50_000 * (i // len(BOOKS))
+            body = backend.encode(text[start : start + 8 * c], chat=False)
+            # fill the context: the chat-wrapped request costs a few dozen tokens
+            overhead = len(backend.encode("Summarize the following text.\n\n", chat=True))
+            body_text = backend.decode(body[: max(c - overhead, 16)])
+            ids = backend.encode("Summarize the following text.\n\n" + body_text)
+            prompts.append(Prompt(f"{book}@{start}", c, ids))
+    return prompts
+
+
+@dataclass
+class RunStats:
+    """Medians of one (strategy, prompt) cell."""
+
+    strategy: str
+    prompt: str
+    context: int
+    prompt_tokens: int
+    tokens_per_second: float
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 1.0
+    draft_share: float = 0.0
+    verify_share: float = 0.0
+    plan_share: float = 0.0
+    new_tokens: int = 0
+    identical_to_ar: bool | None = None
+    plans: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_strategy(
+    backend: Backend, cost_model: CostModel, strategy: str, prompt: Prompt,
+    config: GenerationConfig, repeats: int, reference: list[int] | None, max_draft_length: int,
+) -> RunStats:
+    """Median statistics of ``repeats`` generations of one strategy on one prompt."""
+    planner = make_planner(strategy, backend.layout, cost_model, max_draft_length)
+    dec = SpeculativeDecoder(backend, planner)
+    results = [dec.generate(prompt.ids, config) for _ in range(repeats)]
+    med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
+    r0 = results[0]
+    return RunStats(
+        strategy=strategy, prompt=prompt.name, context=prompt.context,
+        prompt_tokens=len(prompt.ids),
+        tokens_per_second=med(lambda r: r.tokens_per_second),
+        acceptance_rate=med(lambda r: r.acceptance_rate),
+        mean_accepted_length=med(lambda r: r.mean_accepted_length),
+        draft_share=med(lambda r: r.draft_seconds / r.decode_seconds),
+        verify_share=med(lambda r: r.verify_seconds / r.decode_seconds),
+        plan_share=med(lambda r: r.plan_seconds / r.decode_seconds),
+        new_tokens=r0.new_tokens,
+        identical_to_ar=None if reference is None else r0.tokens == reference,
+        plans=r0.plan_history,
+    ), r0.tokens
+
+
+def run_peer(
+    backend: Any, peer: str, prompt: Prompt, max_new_tokens: int, repeats: int,
+    reference: list[int] | None,
+) -> RunStats:
+    """A Hugging Face ``generate()`` peer on the backend's own model: decode tokens/s from
+    ``(N - 1) / (t(N) - t(1))`` so prefill is excluded as for knapspec."""
+    import torch
+
+    model = getattr(backend, "model", None)
+    if model is None or not hasattr(model, "generate"):
+        raise KnapSpecError(f"peers need a Hugging Face model; backend {backend.name!r} has none")
+    ids = torch.tensor([prompt.ids])
+    pad = min(backend.eos_token_ids) if backend.eos_token_ids else 0
+    kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad}
+    if peer == "hf-prompt-lookup":
+        kwargs["prompt_lookup_num_tokens"] = 10
+    elif peer == "hf-early-exit":
+        kwargs["assistant_early_exit"] = max(backend.layout.n_layers // 2, 1)
+    elif peer != "hf-generate":
+        raise KnapSpecError(f"unknown peer {peer!r}")
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
+
+    timed(2)  # warm-up
+    rates, tokens = [], []
+    for _ in range(repeats):
+        t1, _ = timed(1)
+        tn, tokens = timed(max_new_tokens)
+        rates.append((len(tokens) - 1) / max(tn - t1, 1e-9))
+    ref = None if reference is None else tokens[: len(reference)] == reference[: len(tokens)]
+    return RunStats(peer, prompt.name, prompt.context, len(prompt.ids),
+                    statistics.median(rates), new_tokens=len(tokens), identical_to_ar=ref)
+
+
+def benchmark(
+    backend: Backend, cost_model: CostModel, prompts: Sequence[Prompt], strategies: Sequence[str],
+    peers: Sequence[str], max_new_tokens: int, repeats: int, max_draft_length: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every strategy and peer on every prompt; rows with speedups over same-prompt AR."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    rows: list[dict[str, Any]] = []
+    order = ["ar", *[s for s in strategies if s != "ar"]]
+    for prompt in prompts:
+        # warm-up: allocations, kernels, first-call costs, at this context length
+        SpeculativeDecoder(backend, make_planner("ar", backend.layout, cost_model)).generate(
+            prompt.ids, GenerationConfig(4, stop_at_eos=False))
+        reference = None
+        ar_tps = None
+        for s in order:
+            if progress:
+                progress(f"{prompt.name} ctx={len(prompt.ids)} {s}")
+            stats, tokens = run_strategy(backend, cost_model, s, prompt, config, repeats,
+                                         reference, max_draft_length)
+            if s == "ar":
+                reference, ar_tps = tokens, stats.tokens_per_second
+                stats.identical_to_ar = True
+            rows.append({**stats.__dict__, "speedup": stats.tokens_per_second / ar_tps})
+        for peer in peers:
+            if progress:
+                progress(f"{prompt.name} ctx={len(prompt.ids)} {peer}")
+            stats = run_peer(backend, peer, prompt, max_new_tokens, repeats, reference)
+            rows.append({**stats.__dict__, "speedup": stats.tokens_per_second / ar_tps})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median over prompts per (context bucket, strategy)."""
+    keys = sorted({(r["context"], r["strategy"]) for r in rows},
+                  key=lambda k: (k[0], [r["strategy"] for r in rows].index(k[1])))
+    out = []
+    for ctx, strat in keys:
+        sel = [r for r in rows if r["context"] == ctx and r["strategy"] == strat]
+        med = lambda k, sel=sel: statistics.median(r[k] for r in sel)  # noqa: E731
+        out.append({
+            "context": ctx, "strategy": strat, "prompts": len(sel),
+            "prompt_tokens": med("prompt_tokens"), "tokens_per_second": med("tokens_per_second"),
+            "speedup": med("speedup"), "acceptance_rate": med("acceptance_rate"),
+            "mean_accepted_length": med("mean_accepted_length"), "plan_share": med("plan_share"),
+            "draft_share": med("draft_share"), "verify_share": med("verify_share"),
+            "identical_to_ar": all(r["identical_to_ar"] for r in sel
+                                   if r["identical_to_ar"] is not None),
+        })
+    return out
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    head = ("| context (prompt tokens) | strategy | tok/s | speedup vs AR | acceptance | "
+            "tokens/step | draft % | verify % | plan % | same tokens as AR |")
+    lines = [head, "|" + "---|" * 10]
+    for s in summary:
+        lines.append(
+            f"| {s['context']} ({s['prompt_tokens']:.0f}) | {s['strategy']} | "
+            f"{s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {s['acceptance_rate']:.2f} | "
+            f"{s['mean_accepted_length']:.2f} | {100 * s['draft_share']:.0f} | "
+            f"{100 * s['verify_share']:.0f} | {100 * s['plan_share']:.1f} | "
+            f"{'yes' if s['identical_to_ar'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the sweep
+def sweep(
+    backend: Backend, cost_model: CostModel, prompt: Prompt, max_new_tokens: int,
+    skip_counts: Sequence[int] = (4, 8, 12, 16, 24, 32),
+    draft_lengths: Sequence[int] = (1, 2, 3, 4),
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Force plans (skip budgets x draft lengths, plus autoregressive) and compare predicted
+    with measured tokens/s.
+
+    Masks skip the ``k`` blocks whose single-block skip hurts least, measured with the
+    backend's block oracle on the prompt; the predicted acceptance of each mask is its top-1
+    agreement with the full model on the prompt's last tokens (what the KnapSpec planner
+    uses), and the predicted tokens/s comes from the cost model (``select_plan``).
+    """
+    from .planner.dp import mask_alphas, oracle_block_scores
+
+    be = backend
+    be.prefill(prompt.ids, capture=True)
+    oracle = be.block_oracle()
+    if oracle is None:
+        raise KnapSpecError(f"backend {be.name!r} has no block oracle for the sweep")
+    scores = oracle_block_scores(oracle)
+    order = [b for b in np.argsort(scores) if be.layout.skippable[b]]
+    masks = [be.layout.mask_from_blocks(order[:k]) for k in skip_counts]
+    alphas = [float(a) for a in mask_alphas(oracle, np.array(masks))]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    points = []
+    plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0)]
+    plans += [(m, d, a) for m, a in zip(masks, alphas, strict=True) for d in draft_lengths]
+    ctx = len(prompt.ids)
+    for mask, d, a in plans:
+        if progress:
+            progress(f"sweep ctx={ctx} skip={int(mask.sum())} d={d}")
+        if d == 0:
+            planner = make_planner("ar", be.layout, cost_model)
+            predicted = 1.0 / cost_model.full_step_seconds(be.layout.n_layers, ctx, 1)
+        else:
+            planner = StaticPlanner(be.layout, cost_model, mask, alpha=a, draft_length=d)
+            predicted = select_plan(mask[None], [a], cost_model, ctx, [d],
+                                    force=True).tokens_per_second
+        res = SpeculativeDecoder(be, planner).generate(prompt.ids, config)
+        points.append({
+            "context": ctx, "attn_skipped": int(mask[0::2].sum()),
+            "mlp_skipped": int(mask[1::2].sum()), "draft_length": d,
+            "predicted_alpha": a, "measured_alpha": res.acceptance_rate if d else 1.0,
+            "predicted_tps": predicted, "measured_tps": res.tokens_per_second,
+        })
+    return points
+
+
+def pearson(points: Sequence[dict[str, Any]]) -> float:
+    x = np.array([p["predicted_tps"] for p in points])
+    y = np.array([p["measured_tps"] for p in points])
+    return float(np.corrcoef(x, y)[0, 1]) if len(points) > 1 else float("nan")
