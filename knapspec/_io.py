@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,17 +26,28 @@ def check_writable(path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    Nothing is left at ``path`` (or beside it) if ``write`` raises.
+    The temporary file is created exclusively with mode 0o666 (the umask decides the final
+    permissions, as for a plain ``open``) and fsynced before the rename.  Nothing is left at
+    ``path`` (or beside it) if ``write`` raises; an existing file stays untouched.
     """
     p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=suffix + ".tmp")
-    os.close(fd)
+    for _ in range(100):
+        tmp = p.parent / f".{p.name}.{secrets.token_hex(6)}{suffix}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+    else:  # pragma: no cover
+        raise KnapSpecError(f"{p}: could not create a temporary file")
     try:
-        write(tmp)
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
     return p
 

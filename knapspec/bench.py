@@ -118,6 +118,8 @@ def run_strategy(
     """Median statistics of ``repeats`` generations of one strategy on one prompt."""
     planner = make_planner(strategy, backend.layout, cost_model, max_draft_length)
     dec = SpeculativeDecoder(backend, planner)
+    # warm-up: JIT-compiled solvers, oracle code paths, allocations (not timed)
+    dec.generate(prompt.ids, GenerationConfig(12, stop_at_eos=False))
     results = [dec.generate(prompt.ids, config) for _ in range(repeats)]
     med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
     r0 = results[0]
@@ -136,12 +138,40 @@ def run_strategy(
     ), r0.tokens
 
 
+class _TimingStreamer:
+    """A ``generate()`` streamer that timestamps every batch of new tokens."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.events: list[tuple[float, int]] = []  # (seconds, tokens in this batch)
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.events.append((self.clock(), int(value.numel())))
+
+    def end(self) -> None:
+        pass
+
+    def decode_rate(self) -> float:
+        """New tokens after the first, per second after the first token (prefill excluded)."""
+        if len(self.events) < 2:
+            return 0.0
+        tokens = sum(n for _, n in self.events[1:])
+        return tokens / max(self.events[-1][0] - self.events[0][0], 1e-9)
+
+
 def run_peer(
     backend: Any, peer: str, prompt: Prompt, max_new_tokens: int, repeats: int,
     reference: list[int] | None,
 ) -> RunStats:
-    """A Hugging Face ``generate()`` peer on the backend's own model: decode tokens/s from
-    ``(N - 1) / (t(N) - t(1))`` so prefill is excluded as for knapspec."""
+    """A Hugging Face ``generate()`` peer on the backend's own model weights.
+
+    Decode tokens/s is timed from the first generated token to the last with a streamer,
+    so prefill is excluded as for knapspec.
+    """
     import torch
 
     model = getattr(backend, "model", None)
@@ -156,28 +186,23 @@ def run_peer(
         kwargs["assistant_early_exit"] = max(backend.layout.n_layers // 2, 1)
     elif peer != "hf-generate":
         raise KnapSpecError(f"unknown peer {peer!r}")
-
-    def timed(n: int) -> tuple[float, list[int]]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
-
-    timed(2)  # warm-up
     rates, tokens = [], []
     for _ in range(repeats):
-        t1, _ = timed(1)
-        tn, tokens = timed(max_new_tokens)
-        rates.append((len(tokens) - 1) / max(tn - t1, 1e-9))
-    ref = None if reference is None else tokens[: len(reference)] == reference[: len(tokens)]
+        streamer = _TimingStreamer()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 streamer=streamer, **kwargs)
+        tokens = out[0, ids.shape[1]:].tolist()
+        rates.append(streamer.decode_rate())
+    same = None if reference is None else tokens == reference[: len(tokens)]
     return RunStats(peer, prompt.name, prompt.context, len(prompt.ids),
-                    statistics.median(rates), new_tokens=len(tokens), identical_to_ar=ref)
+                    statistics.median(rates), new_tokens=len(tokens), identical_to_ar=same)
 
 
 def benchmark(
     backend: Backend, cost_model: CostModel, prompts: Sequence[Prompt], strategies: Sequence[str],
     peers: Sequence[str], max_new_tokens: int, repeats: int, max_draft_length: int = 8,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, peer_repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """Every strategy and peer on every prompt; rows with speedups over same-prompt AR."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
@@ -201,13 +226,20 @@ def benchmark(
         for peer in peers:
             if progress:
                 progress(f"{prompt.name} ctx={len(prompt.ids)} {peer}")
-            stats = run_peer(backend, peer, prompt, max_new_tokens, repeats, reference)
+            try:
+                stats = run_peer(backend, peer, prompt, max_new_tokens, peer_repeats, reference)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+                log.warning("peer %s failed on %s: %s", peer, prompt.name, e)
+                rows.append({"strategy": peer, "prompt": prompt.name, "context": prompt.context,
+                             "error": str(e)})
+                continue
             rows.append({**stats.__dict__, "speedup": stats.tokens_per_second / ar_tps})
     return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median over prompts per (context bucket, strategy)."""
+    rows = [r for r in rows if "error" not in r]
     keys = sorted({(r["context"], r["strategy"]) for r in rows},
                   key=lambda k: (k[0], [r["strategy"] for r in rows].index(k[1])))
     out = []

@@ -21,7 +21,6 @@ from knapspec.planner.dp import (
 )
 from knapspec.planner.factory import STRATEGIES, make_planner
 
-
 # a prior fidelity profile for a very redundant model: the search is worth running
 REDUNDANT = np.full(8, 1e-4)
 
@@ -104,7 +103,8 @@ def test_dp_merges_to_the_most_similar_candidate():
 
 def test_knapspec_planner_runs_one_batched_call_per_block():
     oracle = NumpyOracle(n_layers=4)
-    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=6, prior_scores=REDUNDANT)
+    planner = KnapSpecPlanner(oracle.layout, fake_cost_model(), resolution=6,
+                              prior_scores=REDUNDANT)
     oracle.calls = 0
     plan = planner.plan(PlanContext(context=100, oracle=oracle, generated=8))
     # boundary_states uses 2L calls per invocation; the DP itself one call per block

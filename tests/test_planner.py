@@ -251,7 +251,8 @@ def test_long_context_skips_more_attention():
     spec = get_model_spec("llama-3.1-8b")
     cm = RooflineCostModel(spec, get_hardware_spec("h100"))
     lay = BlockLayout(spec.n_layers)
-    planner = AdditivePlanner(lay, cm, default_scores_for_spec(spec.name, spec.n_layers))
+    scores, p = default_scores_for_spec(spec.name, spec.n_layers)
+    planner = AdditivePlanner(lay, cm, scores, compounding=p)
     short = planner.plan(PlanContext(1024))
     long = planner.plan(PlanContext(131072))
     assert long.attn_skipped > short.attn_skipped

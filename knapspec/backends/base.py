@@ -89,10 +89,25 @@ class Backend(ABC):
             float32 ``[n, V]`` (or ``[1, V]``) logits.
         """
 
+    def cached_tokens(self) -> list[int | None] | None:
+        """Token id at every cached position (``None`` where a draft wrote partial KV), or
+        ``None`` if the backend does not track them (then ``prefill`` never reuses)."""
+        return None
+
     def prefill(self, tokens: Sequence[int], capture: bool = False) -> np.ndarray:
-        """Reset, then run the full model over the prompt; returns the last logits ``[V]``."""
-        self.reset()
-        return self.forward(tokens, None, capture=capture, all_logits=False)[-1]
+        """Run the full model over the prompt from an empty cache; returns the last logits ``[V]``.
+
+        Prompt caching: when the cache already holds exactly these tokens, written by the
+        full model (a previous generation from the same prompt), they are kept and only the
+        last prompt token is recomputed.
+        """
+        tokens = list(tokens)
+        cached = self.cached_tokens()
+        if cached is not None and len(cached) >= len(tokens) and cached[: len(tokens)] == tokens:
+            self.rollback(len(tokens) - 1)
+        else:
+            self.reset()
+        return self.forward(tokens[self.length :], None, capture=capture, all_logits=False)[-1]
 
     # ------------------------------------------------------------------ planning support
     def block_oracle(self) -> BlockOracle | None:

@@ -538,6 +538,7 @@ class TorchEagerBackend(Backend):
         self.vocab_size = int(self.out_w.shape[0])
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._length = 0
+        self._ids: list[int | None] = []  # token per cached position (None: written by a draft)
         self._cap: torch.Tensor | None = None  # [2L+1, Tc, D] captured boundary states
         self._cap_start = 0  # position of _cap[:, 0]
         self._final: torch.Tensor | None = None  # [n, D] final-norm states of the last call
@@ -584,14 +585,19 @@ class TorchEagerBackend(Backend):
 
     def reset(self) -> None:
         self._length = 0
+        self._ids = []
         self._cap = None
         self._final = None
+
+    def cached_tokens(self) -> list[int | None]:
+        return self._ids
 
     def rollback(self, length: int) -> None:
         length = int(length)
         if not 0 <= length <= self._length:
             raise KnapSpecError(f"cannot roll back to {length}: the cache holds {self._length}")
         self._length = length
+        del self._ids[length:]
         if self._cap is not None:
             keep = length - self._cap_start
             if keep <= 0:
@@ -658,6 +664,8 @@ class TorchEagerBackend(Backend):
             out = (logits[0] if len(logits) == 1 else torch.cat(logits)).numpy()
         self._final = h
         self._length = start + n
+        del self._ids[start:]
+        self._ids.extend(ids if skip is None else [None] * n)  # None: partial (draft) KV
         return out
 
     def _forward(

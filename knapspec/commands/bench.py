@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-draft-length", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; medians reported")
+    p.add_argument("--peer-repeats", type=int, default=1,
+                   help="runs per Hugging Face peer cell (each pays a full prefill)")
     p.add_argument("--sweep", action="store_true",
                    help="force plans (skip budgets x draft lengths) and report predicted vs "
                    "measured tokens/s")
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
                                Path(args.data) if args.data else None)
         peers = PEERS if args.peers else ()
         rows = benchmark(backend, cost_model, prompts, strategies, peers, args.max_new_tokens,
-                         args.repeats, args.max_draft_length, progress=_progress)
+                         args.repeats, args.max_draft_length, progress=_progress,
+                         peer_repeats=args.peer_repeats)
         sys.stderr.write("\n")
         summary = summarize(rows)
         result.update(rows=rows, summary=summary)

@@ -91,12 +91,12 @@ def make_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     layout = BlockLayout(spec.n_layers)
     if args.scores:
-        scores = load_block_scores(args.scores, spec.n_layers)
+        scores, compounding = load_block_scores(args.scores, spec.n_layers), 1.0
     else:
-        scores = default_scores_for_spec(spec.name, spec.n_layers)
+        scores, compounding = default_scores_for_spec(spec.name, spec.n_layers)
     planner = AdditivePlanner(
         layout, cost_model, scores, max_draft_length=args.max_draft_length,
-        resolution=args.resolution, method=args.method,
+        resolution=args.resolution, method=args.method, compounding=compounding,
     )
     return [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write_text
 from ..errors import KnapSpecError
 
 # Importing the model modules registers their kinds in COST_MODEL_KINDS.
@@ -127,36 +127,11 @@ def save_cost_model(model: CostModel, path: str | os.PathLike[str]) -> Path:
         if isinstance(e, KnapSpecError):
             raise
         raise KnapSpecError(f"{path}: cost model is not JSON-serialisable: {e}") from e
-    data = text.encode("utf-8")
-    directory = path.parent
-    tmp: Path | None = None
     try:
-        # O_EXCL with a random name: never clobbers another writer's temp file; mode 0o666
-        # lets the umask decide the final permissions, as for a plain open().
-        for _ in range(100):
-            candidate = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-            try:
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            tmp = candidate
-            break
-        else:  # pragma: no cover - 100 collisions of 48 random bits
-            raise KnapSpecError(f"{path}: could not create a temporary file")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise KnapSpecError(f"{path}: cannot write cost model: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink()
-            except OSError:  # pragma: no cover - best effort cleanup
-                logger.warning("could not remove temporary file %s", tmp)
+        atomic_write_text(path, text)
+    except (OSError, KnapSpecError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise KnapSpecError(f"{path}: cannot write cost model: {why}") from e
     logger.info("saved %s cost model to %s", model.kind, path)
     return path
 

@@ -326,6 +326,7 @@ class EarlyExitPlanner(Planner):
     ) -> None:
         self.layout = layout
         self.min_generated = int(min_generated)
+        self._measured_at = 0  # context of the last measurement (re-measured when doubled)
         self.cost_model = cost_model
         self.max_draft_length = int(max_draft_length)
         self.proxy = proxy
@@ -334,10 +335,13 @@ class EarlyExitPlanner(Planner):
 
     def reset(self) -> None:
         self._candidates = None
+        self._measured_at = 0
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         L = self.layout.n_layers
-        if ctx.oracle is not None and ctx.generated >= self.min_generated:
+        stale = self._candidates is None or ctx.context >= 2 * self._measured_at
+        if ctx.oracle is not None and ctx.generated >= self.min_generated and stale:
+            self._measured_at = ctx.context
             full = _np(ctx.oracle.boundary_states())  # [2L + 1, T, D]
             exits = list(range(self.min_layers, L))  # layers kept
             states = np.stack([full[2 * m] for m in exits] + [full[-1]])
@@ -409,9 +413,25 @@ class OracleAdditivePlanner(AdditivePlanner):
         grown = ctx.context >= self._measured_context * (1.0 + self.rerun_growth)
         ready = ctx.oracle is not None and ctx.generated >= self.min_generated
         if ready and (self._measured_context < 0 or grown):
-            self.update_scores(oracle_block_scores(ctx.oracle))
             self._measured_context = ctx.context
+            if self._worth_measuring(ctx):
+                self.update_scores(oracle_block_scores(ctx.oracle))
         return super().plan(ctx)
+
+    def _worth_measuring(self, ctx: PlanContext) -> bool:
+        """Measuring costs about a forward of ``2L * T`` tokens; only pay it when the plan
+        from the current (prior) scores predicts a larger saving over the tokens left."""
+        prior = super().plan(PlanContext(context=ctx.context))
+        if prior.is_autoregressive:
+            return False
+        if ctx.remaining_tokens is None:
+            return True
+        tokens = int(_np(ctx.oracle.boundary_states()).shape[1])
+        saved = ctx.remaining_tokens * (1.0 / prior.ar_tokens_per_second
+                                        - 1.0 / prior.tokens_per_second)
+        cost = self.cost_model.full_step_seconds(self.layout.n_layers, ctx.context,
+                                                 self.layout.n_blocks * tokens)
+        return saved > cost
 
 
 class StaticSearchPlanner(Planner):

@@ -23,7 +23,10 @@ from ..errors import KnapSpecError
 
 DEFAULT_PROFILE = "fidelity_smollm2-135m.json"
 MEASURED_MODEL = "smollm2-135m"  # the model spec the default profile was measured on
-LARGE_MODEL_HALF_SKIP_ALPHA = 0.85  # see default_block_scores
+#: (fraction of inner blocks skipped, least important first; predicted acceptance) for
+#: 7-70B models: self-speculative papers report ~0.8-0.9 acceptance with 40-50% of layers
+#: skipped and a collapse beyond (SWIFT, Xia et al., 2024; CLaSp, Chen et al., 2025).
+LARGE_MODEL_ANCHORS = ((0.5, 0.85), (0.75, 0.3))
 
 
 def _interleave(attn: np.ndarray, mlp: np.ndarray) -> np.ndarray:
@@ -69,65 +72,70 @@ def _profile_from_obj(obj: Any, n_layers: int, where: str) -> np.ndarray:
     return resample_profile(attn, mlp, n_layers)
 
 
-def default_block_scores(n_layers: int, half_skip_alpha: float | None = None) -> np.ndarray:
-    """``[2 * n_layers]`` default scores: measured on SmolLM2-135M, resampled by depth.
-
-    Args:
-        n_layers: layers of the target model.
-        half_skip_alpha: if given, rescale the profile so that skipping the least important
-            half of the skippable blocks (first and last layer pinned) is predicted, by the
-            default ``CosineProxy``, to be accepted with this probability.  The measured
-            profile of a 135M model is far too pessimistic for 7-70B models, which are much
-            more redundant (self-speculative papers report acceptance around 0.8-0.9 with
-            40-50% of layers skipped on 7-13B models: SWIFT, Xia et al., 2024; CLaSp, Chen
-            et al., 2025); ``knapspec plan`` uses 0.85 for models other than SmolLM2-135M.
-    """
+def default_block_scores(n_layers: int) -> np.ndarray:
+    """``[2 * n_layers]`` default scores: measured on SmolLM2-135M, resampled by depth."""
     text = resources.files("knapspec.data").joinpath(DEFAULT_PROFILE).read_text("utf-8")
-    scores = _profile_from_obj(json.loads(text), n_layers, DEFAULT_PROFILE)
-    if half_skip_alpha is None:
-        return scores
-    if not 0.0 < half_skip_alpha < 1.0:
-        raise KnapSpecError(f"half_skip_alpha must lie in (0, 1), got {half_skip_alpha!r}")
-    inner = np.sort(scores[2:-2]) if n_layers > 2 else np.sort(scores)
-    half = inner[: max(len(inner) // 2, 1)]  # the least important half of the skippable
-    lo, hi = 0.0, 1.0  # bisection on the scale k: acceptance of skipping `half` at k
-    if half.sum() <= 0:
-        return scores
+    return _profile_from_obj(json.loads(text), n_layers, DEFAULT_PROFILE)
+
+
+def _cosine_for_alpha(alpha: float) -> float:
+    """The cosine the default ``CosineProxy`` maps to ``alpha`` (bisection)."""
+    from .proxies import CosineProxy
+
+    proxy, lo, hi = CosineProxy(), 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if additive_alpha(half * mid) > half_skip_alpha:
-            lo = mid
-        else:
-            hi = mid
-    return scores * lo
+        lo, hi = (mid, hi) if proxy.alpha_from_cosine(mid) < alpha else (lo, mid)
+    return hi
 
 
-def block_log_acceptance(scores: np.ndarray, proxy: Any = None) -> np.ndarray:
-    """``-log alpha_b`` per block: the acceptance lost when block ``b`` alone is skipped.
+def calibrate_profile(
+    scores: np.ndarray, anchors: tuple[tuple[float, float], tuple[float, float]]
+) -> tuple[np.ndarray, float]:
+    """Rescale a profile and choose a compounding exponent from two (fraction, alpha) anchors.
 
-    ``alpha_b`` maps the block's cosine ``1 - scores[b]`` through the cosine proxy.
+    Fits ``k`` and ``p`` so that skipping the least important ``fraction`` of the inner blocks
+    (first and last layer pinned) gives ``alpha`` under ``1 - cos = (sum of k * s_b) ** p``.
+    Returns the scaled scores ``k * s`` and ``p``.
+    """
+    inner = np.sort(scores[2:-2]) if len(scores) > 4 else np.sort(scores)
+    (f1, a1), (f2, a2) = anchors
+    s1 = inner[: max(round(f1 * len(inner)), 1)].sum()
+    s2 = inner[: max(round(f2 * len(inner)), 1)].sum()
+    x1, x2 = 1.0 - _cosine_for_alpha(a1), 1.0 - _cosine_for_alpha(a2)
+    if not (s2 > s1 > 0 and x2 > x1 > 0):
+        raise KnapSpecError("calibration anchors must grow in skipped fraction and shrink in alpha")
+    p = float(np.log(x2 / x1) / np.log(s2 / s1))
+    k = x1 ** (1.0 / p) / s1
+    return scores * k, p
+
+
+def additive_alpha(
+    skipped_scores: np.ndarray, compounding: float = 1.0, proxy: Any = None
+) -> float:
+    """Acceptance of skipping blocks with these scores: ``alpha(1 - sum(scores) ** p)``.
+
+    Losses ``1 - cos`` of (near-)orthogonal perturbations add (``docs/theory.md``);
+    ``compounding`` ``p >= 1`` lets the loss grow faster than additively when many blocks go.
     """
     from .proxies import CosineProxy
 
     proxy = proxy or CosineProxy()
-    a = np.asarray(proxy.alpha_from_cosine(1.0 - np.asarray(scores, dtype=np.float64)))
-    return -np.log(np.clip(a, 1e-12, 1.0))
+    loss = float(np.sum(skipped_scores)) ** compounding
+    return float(proxy.alpha_from_cosine(1.0 - loss))
 
 
-def additive_alpha(skipped_scores: np.ndarray, proxy: Any = None) -> float:
-    """Acceptance of skipping blocks with these scores: ``prod_b alpha_b``.
+def default_scores_for_spec(name: str, n_layers: int) -> tuple[np.ndarray, float]:
+    """The default profile and compounding exponent for a named model spec.
 
-    Assumes each skipped block independently breaks a token (``docs/theory.md``).
+    For SmolLM2-135M, the measured profile with plain additivity (``p = 1``).  For other
+    (larger) models the measured profile of a 135M model is far too pessimistic (7-70B models
+    are much more redundant), so it is recalibrated to ``LARGE_MODEL_ANCHORS``.
     """
-    return float(np.exp(-block_log_acceptance(skipped_scores, proxy).sum()))
-
-
-def default_scores_for_spec(name: str, n_layers: int) -> np.ndarray:
-    """The default profile for a named model spec: measured as is for SmolLM2-135M, rescaled
-    to ``LARGE_MODEL_HALF_SKIP_ALPHA`` for other (larger) models."""
+    scores = default_block_scores(n_layers)
     if name == MEASURED_MODEL:
-        return default_block_scores(n_layers)
-    return default_block_scores(n_layers, half_skip_alpha=LARGE_MODEL_HALF_SKIP_ALPHA)
+        return scores, 1.0
+    return calibrate_profile(scores, LARGE_MODEL_ANCHORS)
 
 
 def load_block_scores(path: str | Path, n_layers: int) -> np.ndarray:

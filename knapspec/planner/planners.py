@@ -23,7 +23,6 @@ import numpy as np
 from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
-from .fidelity import block_log_acceptance
 from .plan import DraftPlan, select_plan
 from .proxies import CosineProxy
 from .solvers import knapsack_frontier
@@ -147,10 +146,9 @@ class AdditivePlanner(Planner):
     """KnapSpec with additive per-block fidelity scores (no model in the loop).
 
     ``scores[b]`` is the fidelity lost when block ``b`` alone is skipped, measured as
-    ``1 - cos(h_full, h_skip_b)`` of the final hidden states; the cosine proxy maps it to the
-    acceptance ``alpha_b`` of a draft that skips ``b`` alone.  A skip set's acceptance is
-    estimated as ``prod_b alpha_b`` (each skipped block independently breaks a token; see
-    ``docs/theory.md``), so ``-log alpha_b`` is additive and is the knapsack value.
+    ``1 - cos(h_full, h_skip_b)`` of the final hidden states.  For (near-)orthogonal
+    perturbations these losses add (``docs/theory.md``), so a skip set's cosine is estimated
+    as ``1 - sum(scores[skipped])`` and mapped to alpha by the cosine proxy.
 
     At each plan, the blocks' draft-step costs at the current context are quantised to
     integer weights (``resolution`` units for all skippable blocks together); the knapsack
@@ -170,8 +168,12 @@ class AdditivePlanner(Planner):
         max_draft_length: int = 8,
         resolution: int = 512,
         method: str = "exact",
+        compounding: float = 1.0,
     ) -> None:
         self.layout = layout
+        if not compounding >= 1.0:
+            raise KnapSpecError(f"compounding must be >= 1, got {compounding!r}")
+        self.compounding = float(compounding)
         self.cost_model = cost_model
         self.proxy = proxy or CosineProxy()
         if max_draft_length < 1:
@@ -206,8 +208,8 @@ class AdditivePlanner(Planner):
             return np.zeros((0, self.layout.n_blocks), dtype=bool), np.zeros(0)
         weights = np.rint(costs * (self.resolution / total)).astype(np.int64)  # [n]
         capacity = int(weights.sum())
-        values = block_log_acceptance(self.scores, self.proxy)  # [2L] -log alpha_b
-        frontier = knapsack_frontier(values[idx], weights, capacity, method=self.method)
+        # keep the blocks whose loss matters most within the kept-cost budget
+        frontier = knapsack_frontier(self.scores[idx], weights, capacity, method=self.method)
         masks = []
         seen = set()
         for c in range(capacity + 1):
@@ -220,7 +222,9 @@ class AdditivePlanner(Planner):
             mask[idx[~keep]] = True
             masks.append(mask)
         masks_arr = np.array(masks, dtype=bool)  # [K, 2L]
-        alphas = np.exp(-(masks_arr * values[None, :]).sum(axis=1))  # [K] prod of alpha_b
+        loss = (masks_arr * self.scores[None, :]).sum(axis=1) ** self.compounding  # [K]
+        est_cos = 1.0 - loss
+        alphas = np.asarray(self.proxy.alpha_from_cosine(est_cos), dtype=np.float64)
         keep_any = ~np.all(~masks_arr, axis=1)  # drop the all-kept mask (that is AR)
         return masks_arr[keep_any], alphas.reshape(-1)[keep_any]
 

@@ -19,7 +19,8 @@ Methods:
 * ``"exact"`` -- O(n * W) dynamic programme, serial.
 * ``"parallel"`` -- the same DP parallel over the capacity axis (numba ``prange``); its
   results are equal to ``"exact"`` bit for bit.  It opens one parallel region per item, so
-  on few cores it is slower than ``"exact"`` at planner sizes (docs/benchmarks.md).  In :func:`knapsack_frontier_batch`
+  on few cores it is slower than ``"exact"`` at planner sizes (docs/benchmarks.md).  In
+  :func:`knapsack_frontier_batch`
   ``"parallel"`` instead runs the serial DP on the instances in parallel.
 * ``"greedy"`` -- value/weight-ratio greedy compared with the best single item;
   a 1/2-approximation when all values are non-negative.
