@@ -29,6 +29,7 @@ from .planner.planners import StaticPlanner
 log = logging.getLogger(__name__)
 
 BOOKS = ("pg1342.txt", "pg84.txt")
+SWEEP_ALPHA_TOKENS = 32  # prompt tokens whose top-1 agreement predicts a forced plan's alpha
 
 
 def default_data_dir() -> Path:
@@ -111,16 +112,10 @@ class RunStats:
     plans: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_strategy(
-    backend: Backend, cost_model: CostModel, strategy: str, prompt: Prompt,
-    config: GenerationConfig, repeats: int, reference: list[int] | None, max_draft_length: int,
+def strategy_stats(
+    strategy: str, prompt: Prompt, results: Sequence[Any], reference: list[int] | None
 ) -> RunStats:
-    """Median statistics of ``repeats`` generations of one strategy on one prompt."""
-    planner = make_planner(strategy, backend.layout, cost_model, max_draft_length)
-    dec = SpeculativeDecoder(backend, planner)
-    # warm-up: JIT-compiled solvers, oracle code paths, allocations (not timed)
-    dec.generate(prompt.ids, GenerationConfig(12, stop_at_eos=False))
-    results = [dec.generate(prompt.ids, config) for _ in range(repeats)]
+    """Median statistics of repeated generations of one strategy on one prompt."""
     med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
     r0 = results[0]
     return RunStats(
@@ -133,9 +128,9 @@ def run_strategy(
         verify_share=med(lambda r: r.verify_seconds / r.decode_seconds),
         plan_share=med(lambda r: r.plan_seconds / r.decode_seconds),
         new_tokens=r0.new_tokens,
-        identical_to_ar=None if reference is None else r0.tokens == reference,
+        identical_to_ar=None if reference is None else all(r.tokens == reference for r in results),
         plans=r0.plan_history,
-    ), r0.tokens
+    )
 
 
 class _TimingStreamer:
@@ -209,20 +204,25 @@ def benchmark(
     rows: list[dict[str, Any]] = []
     order = ["ar", *[s for s in strategies if s != "ar"]]
     for prompt in prompts:
-        # warm-up: allocations, kernels, first-call costs, at this context length
-        SpeculativeDecoder(backend, make_planner("ar", backend.layout, cost_model)).generate(
-            prompt.ids, GenerationConfig(4, stop_at_eos=False))
-        reference = None
-        ar_tps = None
+        decoders = {s: SpeculativeDecoder(backend, make_planner(s, backend.layout, cost_model,
+                                                                 max_draft_length))
+                    for s in order}
+        for dec in decoders.values():  # warm-up: JIT, oracle paths, allocations (untimed)
+            dec.generate(prompt.ids, GenerationConfig(12, stop_at_eos=False))
+        results: dict[str, list[Any]] = {s: [] for s in order}
+        for r in range(repeats):
+            for s, dec in decoders.items():  # interleaved, so drift hits every strategy alike
+                if progress:
+                    progress(f"{prompt.name} ctx={len(prompt.ids)} repeat {r + 1} {s}")
+                results[s].append(dec.generate(prompt.ids, config))
+        reference = results["ar"][0].tokens
+        ar_tps = statistics.median(x.tokens_per_second for x in results["ar"])
         for s in order:
-            if progress:
-                progress(f"{prompt.name} ctx={len(prompt.ids)} {s}")
-            stats, tokens = run_strategy(backend, cost_model, s, prompt, config, repeats,
-                                         reference, max_draft_length)
-            if s == "ar":
-                reference, ar_tps = tokens, stats.tokens_per_second
-                stats.identical_to_ar = True
-            rows.append({**stats.__dict__, "speedup": stats.tokens_per_second / ar_tps})
+            stats = strategy_stats(s, prompt, results[s], reference)
+            # speedup: median of per-repeat ratios to the AR run of the same repeat
+            ratio = statistics.median(x.tokens_per_second / y.tokens_per_second
+                                      for x, y in zip(results[s], results["ar"], strict=True))
+            rows.append({**stats.__dict__, "speedup": ratio})
         for peer in peers:
             if progress:
                 progress(f"{prompt.name} ctx={len(prompt.ids)} {peer}")
@@ -291,6 +291,9 @@ def sweep(
     from .planner.dp import mask_alphas, oracle_block_scores
 
     be = backend
+    if hasattr(be, "capture_tokens"):  # a wider window: alphas from 32 tokens, not 8
+        be.capture_tokens = max(int(be.capture_tokens), SWEEP_ALPHA_TOKENS)
+    be.reset()  # a fresh prefill captures the window
     be.prefill(prompt.ids, capture=True)
     oracle = be.block_oracle()
     if oracle is None:

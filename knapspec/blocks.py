@@ -100,8 +100,14 @@ class BlockLayout:
             mask[b] = True
         return self.validate_mask(mask)
 
-    def validate_mask(self, mask: np.ndarray | Iterable[bool]) -> np.ndarray:
-        """Return ``mask`` as a ``[2L]`` bool array, or raise naming the problem."""
+    def validate_mask(
+        self, mask: np.ndarray | Iterable[bool], allow_pinned: bool = False
+    ) -> np.ndarray:
+        """Return ``mask`` as a ``[2L]`` bool array, or raise naming the problem.
+
+        ``allow_pinned``: accept masks that skip pinned blocks (backends run any mask, for
+        profiling and early exit; planners enforce pinning).
+        """
         arr = np.asarray(mask)
         if arr.shape != (self.n_blocks,):
             raise KnapSpecError(
@@ -112,7 +118,7 @@ class BlockLayout:
             if not np.isin(arr, (0, 1)).all():
                 raise KnapSpecError("skip mask must be boolean (or 0/1)")
             arr = arr.astype(bool)
-        bad = [b for b in self.pinned if arr[b]]
+        bad = [] if allow_pinned else [b for b in self.pinned if arr[b]]
         if bad:
             raise KnapSpecError(f"skip mask skips pinned block(s) {bad}")
         return arr

@@ -221,3 +221,16 @@ def test_oracle_planners_wait_for_generated_tokens():
     assert early.is_autoregressive and planner.dp_runs == 0
     later = planner.plan(PlanContext(context=108, oracle=oracle, generated=8))
     assert planner.dp_runs == 1 and not later.is_autoregressive
+
+
+def test_pareto_merging_skips_blocks_cheaper_than_a_bucket():
+    # 8 equal blocks, 3 states: with buckets of width total/2 no single skip would survive
+    oracle = NumpyOracle(n_layers=4, gains=[0.8, 0.8, 0.01, 0.02, 0.03, 0.04, 0.8, 0.8])
+    n = oracle.layout.n_blocks
+    skipped, masks, _ = group_dp(oracle, [(b,) for b in range(n)], [1.0] * n,
+                                 list(oracle.layout.skippable), None, float(n), max_states=3)
+    assert len(masks) <= 3
+    assert skipped.max() >= 1 and masks.any()
+    assert not masks[:, list(oracle.layout.pinned)].any()
+    # the front is ordered: more skipped cost, less similarity
+    assert np.all(np.diff(skipped) > 0)

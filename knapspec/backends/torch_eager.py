@@ -611,17 +611,7 @@ class TorchEagerBackend(Backend):
         here (profiling skips every block); planners enforce pinning."""
         if mask is None:
             return None
-        arr = np.asarray(mask)
-        n_blocks = self.layout.n_blocks
-        if arr.shape != (n_blocks,):
-            raise KnapSpecError(
-                f"skip mask must have shape ({n_blocks},) for {self.layout.n_layers} layers, "
-                f"got {arr.shape}"
-            )
-        if arr.dtype != bool:
-            if not np.isin(arr, (0, 1)).all():
-                raise KnapSpecError("skip mask must be boolean (or 0/1)")
-            arr = arr.astype(bool)
+        arr = self.layout.validate_mask(mask, allow_pinned=True)
         return arr if arr.any() else None
 
     def forward(

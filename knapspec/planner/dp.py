@@ -77,27 +77,34 @@ def group_dp(
     groups: Sequence[Sequence[int]],
     costs: Sequence[float],
     skippable: Sequence[bool],
-    bucket: float,
+    bucket: float | None,
     max_skipped: float,
+    max_states: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The parallel DP over groups of consecutive blocks (a block, or a layer's two blocks).
 
-    A state is (group, skipped-cost bucket): skipped costs accumulate exactly and states
-    whose skipped cost falls in the same bucket of width ``bucket`` are merged, keeping the
-    candidate most similar to the full model.  (Exact integer costs are the special case
-    of integer ``costs`` and ``bucket = 1``.)
+    Skipped costs accumulate exactly.  States are merged in one of two ways:
+
+    * ``bucket`` given: a state is (group, skipped-cost bucket of width ``bucket``); within a
+      bucket the candidate most similar to the full model survives.  Integer ``costs`` with
+      ``bucket = 1`` give the exact (group, skipped cost) DP (used for CLaSp's layer counts).
+    * ``bucket=None``: the Pareto front of (skipped cost, similarity) survives -- for every
+      skipped cost, the most faithful candidate, as in the paper -- thinned to at most
+      ``max_states`` states spread evenly along the front.  Unlike coarse buckets, a block
+      cheaper than a bucket can still be skipped.
 
     Args:
         groups: consecutive block indices per group, in model order, covering all blocks.
         costs: skipped cost of each group (seconds, or units).
         skippable: whether each group may be skipped.
-        bucket: width of a skipped-cost state (> 0).
+        bucket: width of a skipped-cost state (> 0), or None for Pareto merging.
         max_skipped: largest total skipped cost tracked.
+        max_states: with ``bucket=None``, most states kept per step.
     Returns:
         ``skipped [K]`` (skipped cost of each surviving state), ``masks [K, 2L]`` and the
         final states ``[K, T, D]``.
     """
-    if bucket <= 0:
+    if bucket is not None and bucket <= 0:
         raise KnapSpecError(f"bucket must be > 0, got {bucket}")
     full = _np(oracle.boundary_states())  # [2L + 1, T, D]
     n_blocks = full.shape[0] - 1
@@ -121,20 +128,41 @@ def group_dp(
         all_skipped = np.concatenate(cand_skipped)  # [S']
         all_masks = np.concatenate(cand_masks)  # [S', 2L]
         sim = mean_cosine(all_states, full[group[-1] + 1])  # [S']
-        key = np.floor(all_skipped / bucket + 1e-9).astype(np.int64)  # [S'] state index
-        # per state keep the candidate most similar to the full model (ties: kept first)
-        order = np.lexsort((-sim, key))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = key[order][1:] != key[order][:-1]
-        pick = order[first]
+        pick = (_bucket_pick(all_skipped, sim, bucket) if bucket is not None
+                else _pareto_pick(all_skipped, sim, max_states))
         states, skipped, masks = all_states[pick], all_skipped[pick], all_masks[pick]
     return skipped, masks, states
+
+
+def _bucket_pick(skipped: np.ndarray, sim: np.ndarray, bucket: float) -> np.ndarray:
+    """Indices of the most similar candidate per skipped-cost bucket (ties: first)."""
+    key = np.floor(skipped / bucket + 1e-9).astype(np.int64)  # [S'] state index
+    order = np.lexsort((-sim, key))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    return order[first]
+
+
+def _pareto_pick(skipped: np.ndarray, sim: np.ndarray, max_states: int | None) -> np.ndarray:
+    """Indices of the Pareto front (more skipped cost, more similar), thinned to ``max_states``."""
+    order = np.lexsort((-sim, -skipped))  # most skipped first, then most similar
+    front, best = [], -np.inf
+    for i in order:
+        if sim[i] > best:  # nothing that skips as much or more is as similar
+            front.append(i)
+            best = sim[i]
+    front_arr = np.array(front[::-1])  # ascending skipped cost; index 0 = least skipped
+    if max_states is not None and len(front_arr) > max_states:
+        keep = np.unique(np.rint(np.linspace(0, len(front_arr) - 1, max_states)).astype(int))
+        front_arr = front_arr[keep]
+    return front_arr
 
 
 class KnapSpecPlanner(Planner):
     """The paper's planner: cost-aware parallel DP over decoupled attention/MLP blocks.
 
-    Running the DP costs about a prefill of ``S * T`` tokens (``S <= resolution + 1``).  To
+    Running the DP costs about a prefill of ``S * T`` tokens (``S <= resolution + 1`` states
+    on the Pareto front of skipped cost and similarity).  To
     keep that off the hot path, the DP is re-run only when the context has grown by
     ``rerun_growth`` (relative) since the last run; in between, the surviving candidates
     (masks and alphas) are re-scored by TPT with the cost model at the current context,
@@ -196,7 +224,7 @@ class KnapSpecPlanner(Planner):
         total = float(costs[skippable].sum())
         groups = [(b,) for b in range(n_blocks)]
         _, masks, states = group_dp(
-            oracle, groups, costs, skippable, total / self.resolution, total
+            oracle, groups, costs, skippable, None, total, max_states=self.resolution + 1
         )
         full = _np(oracle.boundary_states())
         return self._score(oracle, masks, states, full[-1])
