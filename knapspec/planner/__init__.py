@@ -1,5 +1,13 @@
 """Backend-free planning: knapsack solvers, the TPT objective, proxies and planners."""
 
+from .dp import (
+    ClaspPlanner,
+    EarlyExitPlanner,
+    KnapSpecPlanner,
+    OracleAdditivePlanner,
+    StaticSearchPlanner,
+)
+from .factory import STRATEGIES, make_planner
 from .fidelity import default_block_scores, load_block_scores, resample_profile
 from .objective import (
     autoregressive_tokens_per_second,
@@ -28,18 +36,24 @@ from .proxies import (
 from .solvers import KnapsackFrontier, KnapsackResult, knapsack, knapsack_frontier
 
 __all__ = [
+    "STRATEGIES",
     "AcceptanceProxy",
     "AdditivePlanner",
     "AutoregressivePlanner",
     "BlockOracle",
+    "ClaspPlanner",
     "CosineProxy",
     "CostBreakdown",
     "DraftPlan",
+    "EarlyExitPlanner",
+    "KnapSpecPlanner",
     "KnapsackFrontier",
     "KnapsackResult",
+    "OracleAdditivePlanner",
     "PlanContext",
     "Planner",
     "StaticPlanner",
+    "StaticSearchPlanner",
     "Top1Proxy",
     "TotalVariationProxy",
     "autoregressive_tokens_per_second",
@@ -49,6 +63,7 @@ __all__ = [
     "knapsack",
     "knapsack_frontier",
     "load_block_scores",
+    "make_planner",
     "make_proxy",
     "resample_profile",
     "round_seconds",
