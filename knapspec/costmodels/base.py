@@ -95,37 +95,32 @@ class CostModel(ABC):
         return f"{type(self).__name__}({self.to_dict()})"
 
 
-def check_finite_nonnegative(name: str, value: Any) -> float:
-    """Validate one scalar parameter; return it as float or raise naming ``name``."""
+def _check_number(name: str, value: Any, minimum: float, expected: str, bound: str) -> float:
+    """``value`` as a finite float >= ``minimum``, or a ``KnapSpecError`` naming ``name``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise KnapSpecError(f"{name}: expected a number, got {value!r}") from None
-    if not np.isfinite(v) or v < 0:
-        raise KnapSpecError(f"{name}: expected a finite non-negative number, got {value!r}")
+        raise KnapSpecError(f"{name}: expected {expected}, got {value!r}") from None
+    if not np.isfinite(v) or v < minimum:
+        raise KnapSpecError(f"{name}: expected {bound}, got {value!r}")
     return v
+
+
+def check_finite_nonnegative(name: str, value: Any) -> float:
+    """Validate one scalar parameter; return it as float or raise naming ``name``."""
+    return _check_number(name, value, 0.0, "a number", "a finite non-negative number")
 
 
 def check_context(context: Any) -> float:
     """Validate a context length (tokens already in the KV cache); return it as float."""
-    try:
-        c = float(context)
-    except (TypeError, ValueError):
-        raise KnapSpecError(f"context: expected a number of tokens, got {context!r}") from None
-    if not np.isfinite(c) or c < 0:
-        raise KnapSpecError(f"context: expected a finite number of tokens >= 0, got {context!r}")
-    return c
+    return _check_number("context", context, 0.0, "a number of tokens",
+                         "a finite number of tokens >= 0")
 
 
 def check_n_tokens(n_tokens: Any) -> float:
     """Validate a number of new tokens in a step (>= 1); return it as float."""
-    try:
-        n = float(n_tokens)
-    except (TypeError, ValueError):
-        raise KnapSpecError(f"n_tokens: expected a number of tokens, got {n_tokens!r}") from None
-    if not np.isfinite(n) or n < 1:
-        raise KnapSpecError(f"n_tokens: expected a finite number >= 1, got {n_tokens!r}")
-    return n
+    return _check_number("n_tokens", n_tokens, 1.0, "a number of tokens",
+                         "a finite number >= 1")
 
 
 def check_param_keys(
