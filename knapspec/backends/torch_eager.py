@@ -291,6 +291,21 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<|endoftext|>")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a dtype or its name (``"float32"``, ``"bfloat16"``, ``"float16"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise KnapSpecError(
+            f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})"
+        ) from None
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if int(threads) < 1:
@@ -332,8 +347,8 @@ class TorchEagerBackend(Backend):
     Args:
         model: ``None`` (the default SmolLM2), a path/spec for ``knapspec.models``, or a
             ``LoadedModel``.  For a bare HF model object use :meth:`from_hf`.
-        dtype: parameter dtype when loading (default float32); for a given model it must
-            match the model's dtype (``None``: take the model's).
+        dtype: parameter dtype (or its name) when loading (default float32); for a given
+            model it must match the model's dtype (``None``: take the model's).
         threads: ``torch.set_num_threads(threads)`` if given.
         max_context: KV cache capacity in tokens (default: the model's
             ``max_position_embeddings``, capped by a sliding window if the model has one).
@@ -345,13 +360,14 @@ class TorchEagerBackend(Backend):
     def __init__(
         self,
         model: LoadedModel | str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = torch.float32,
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,
     ) -> None:
         from ..models import LoadedModel, load_torch_model
 
+        dtype = parse_dtype(dtype)
         _set_threads(threads)
         if isinstance(model, LoadedModel):
             loaded = model
