@@ -5,9 +5,14 @@ later ``torch.compile`` backend can wrap the per-block callables unchanged:
 
 * ``attention_block``: norm + attention + residual over a preallocated KV cache,
 * ``mlp_block``: norm + gated MLP + residual,
-* ``head``: final norm + LM head,
+* ``head``: final norm + LM head (``forward`` runs ``rms_norm`` and ``lm_head`` apart, as it
+  keeps the final-norm states),
 * ``attention_block_batched``: the attention block for ``S`` candidate states at once
   (the block oracle of the model-in-the-loop planner), reading but never writing the cache.
+
+``forward`` calls them through the class attributes ``_attention_fn``, ``_mlp_fn``,
+``_norm_fn`` and ``_head_fn``, which ``TorchCompileBackend`` replaces on its instances with
+compiled versions of the same functions.
 
 The Hugging Face model is used only as a bag of weights (nothing is copied) plus its rotary
 embedding module, which is called once to tabulate cos/sin for every position up to
@@ -276,6 +281,15 @@ def head(
     return F.linear(rms_norm(x, norm, eps), w_out, b_out)
 
 
+def lm_head(
+    h: torch.Tensor,  # [..., D] final-norm states
+    w_out: torch.Tensor,  # [V, D]
+    b_out: torch.Tensor | None,  # [V]
+) -> torch.Tensor:
+    """LM head alone, float32 logits -> [..., V]."""
+    return F.linear(h, w_out, b_out).float()
+
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -356,6 +370,13 @@ class TorchEagerBackend(Backend):
     """
 
     name = "torch"
+
+    # The per-block callables of ``forward``; a subclass may hold compiled versions of the
+    # same pure functions on the instance (``TorchCompileBackend``).
+    _attention_fn = staticmethod(attention_block)
+    _mlp_fn = staticmethod(mlp_block)
+    _norm_fn = staticmethod(rms_norm)
+    _head_fn = staticmethod(lm_head)
 
     def __init__(
         self,
@@ -663,10 +684,10 @@ class TorchEagerBackend(Backend):
                 h = self._forward(chunk, start + a, skip, wanted)  # [t, D]
                 finals.append(h)
                 if all_logits:
-                    logits.append(F.linear(h, self.out_w, self.out_b).float())  # [t, V]
+                    logits.append(self._head_fn(h, self.out_w, self.out_b))  # [t, V]
             h = finals[0] if len(finals) == 1 else torch.cat(finals)  # [n, D]
             if not all_logits:
-                logits = [F.linear(h[-1:], self.out_w, self.out_b).float()]  # [1, V]
+                logits = [self._head_fn(h[-1:], self.out_w, self.out_b)]  # [1, V]
             out = (logits[0] if len(logits) == 1 else torch.cat(logits)).numpy()
         self._final = h
         self._length = start + n
@@ -683,6 +704,7 @@ class TorchEagerBackend(Backend):
         x = F.embedding(torch.tensor(ids, dtype=torch.long), self.embed_w)  # [T, D]
         cos, sin = self.cos[start:end], self.sin[start:end]  # [T, hd]
         cfg, act, eps = self.attn_cfg, self.act, self.eps
+        attention, mlp = self._attention_fn, self._mlp_fn
         mask = None  # one query sees every cached key: no mask
         if n > 1:  # query i (position start+i) sees keys 0..start+i; built once for all layers
             mask = causal_mask(start, n, cfg.n_heads // cfg.n_kv_heads, self.dtype)
@@ -694,18 +716,18 @@ class TorchEagerBackend(Backend):
         skipped = skip.tolist() if skip is not None else None
         for i in range(self.layout.n_layers):
             if skipped is None or not skipped[2 * i]:
-                x = attention_block(
+                x = attention(
                     x, self.attn_w[i], cfg, self.k_cache[i], self.v_cache[i], cos, sin, start, mask
                 )
             if states is not None:
                 states.append(grab(x))
             if skipped is None or not skipped[2 * i + 1]:
-                x = mlp_block(x, self.mlp_w[i], eps, act)
+                x = mlp(x, self.mlp_w[i], eps, act)
             if states is not None:
                 states.append(grab(x))
         if states is not None:
             self._store_capture(torch.stack(states), end - keep)
-        return rms_norm(x, self.norm_w, self.norm_eps)  # [T, D]
+        return self._norm_fn(x, self.norm_w, self.norm_eps)  # [T, D]
 
     def _store_capture(self, new: torch.Tensor, first: int) -> None:
         """Append captured states ``new`` [2L+1, k, D] of positions first..first+k-1."""
