@@ -1,7 +1,9 @@
-"""Assemble a backend, its cost model, a planner and the decoder from plain options.
+"""Assemble a backend, its cost model, a planner and the decoder.
 
-Shared by the CLI commands and by embedding code, so every entry point builds the same
-objects the same way.
+``build_session_from_config(KnapSpecConfig)`` is the validated path the CLI commands and
+embedding code share; its parts (``build_backend``, ``config_cost_model``,
+``config_layout``, ``config_planner``) are what ``knapspec bench`` uses per backend and
+strategy.  ``build_session`` takes plain keyword options (no config file semantics).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, create_backend
+from .blocks import BlockLayout
+from .config import KnapSpecConfig
 from .costmodels.base import CostModel
 from .costmodels.io import load_cost_model
 from .decoding import SpeculativeDecoder
+from .errors import KnapSpecError
 from .planner.factory import make_planner
 from .planner.planners import Planner
 
@@ -29,6 +34,7 @@ class Session:
     cost_model: CostModel
     planner: Planner
     decoder: SpeculativeDecoder
+    config: KnapSpecConfig | None = None  # what it was built from (build_session_from_config)
 
 
 def backend_cost_model(
@@ -57,3 +63,70 @@ def build_session(
     cm = backend_cost_model(be, cost_model, progress=progress)
     planner = make_planner(strategy, be.layout, cm, max_draft_length, **(planner_options or {}))
     return Session(be, cm, planner, SpeculativeDecoder(be, planner))
+
+
+def build_backend(config: KnapSpecConfig) -> Backend:
+    """The backend ``config.backend.name`` on ``config.model.path`` with its options."""
+    b = config.backend
+    return create_backend(b.name, model=config.model.path, **b.options_for())
+
+
+def config_cost_model(
+    config: KnapSpecConfig, backend: Backend, progress: bool = True
+) -> CostModel:
+    """The cost model ``config.costmodel`` names, for ``backend``'s model.
+
+    ``profile``: the backend's cached profile (measured on first use); ``roofline``: the
+    analytic model of ``model_spec`` on ``hardware``, which must have as many layers as the
+    backend's model; anything else: a cost-model JSON file.
+    """
+    cm = config.costmodel
+    if cm.source == "profile":
+        return backend_cost_model(backend, None, progress=progress)
+    if cm.source == "roofline":
+        from .costmodels import RooflineCostModel, get_hardware_spec, get_model_spec
+
+        spec = get_model_spec(cm.model_spec)
+        if spec.n_layers != backend.layout.n_layers:
+            raise KnapSpecError(
+                f"costmodel.model_spec: {spec.name} has {spec.n_layers} layers, the "
+                f"{backend.name} backend's model has {backend.layout.n_layers}"
+            )
+        return RooflineCostModel(spec, get_hardware_spec(cm.hardware))
+    return load_cost_model(cm.source)
+
+
+def config_layout(config: KnapSpecConfig, layout: BlockLayout) -> BlockLayout:
+    """``layout`` with ``planner.pinned_blocks`` applied (unset: unchanged; ``[]``: none)."""
+    pinned = config.planner.pinned_blocks
+    if pinned is None:
+        return layout
+    if not pinned:
+        return BlockLayout.unpinned(layout.n_layers)
+    try:
+        return BlockLayout(layout.n_layers, pinned)
+    except KnapSpecError as e:
+        raise KnapSpecError(f"planner.pinned_blocks: {e}") from None
+
+
+def config_planner(
+    config: KnapSpecConfig, layout: BlockLayout, cost_model: CostModel,
+    strategy: str | None = None,
+) -> Planner:
+    """The planner for ``strategy`` (default: ``planner.strategy``) with the config's
+    options; a key the strategy does not take is an error naming both."""
+    strategy = config.planner.strategy if strategy is None else strategy
+    options = config.planner.options_for(strategy)
+    return make_planner(strategy, config_layout(config, layout), cost_model,
+                        config.planner.max_draft_length, **options)
+
+
+def build_session_from_config(config: KnapSpecConfig, progress: bool = True) -> Session:
+    """Everything a generation needs, from a validated configuration.
+
+    Profiles the backend on first use when ``costmodel.source = "profile"`` (cached).
+    """
+    be = build_backend(config)
+    cm = config_cost_model(config, be, progress=progress)
+    planner = config_planner(config, be.layout, cm)
+    return Session(be, cm, planner, SpeculativeDecoder(be, planner), config)
