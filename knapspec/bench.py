@@ -2,11 +2,14 @@
 
 Everything that is compared is measured in the same process, on the same backend and
 prompts, with warm-up first; figures are medians over repeats.  Speedups are ratios to the
-same backend's autoregressive decoding of the same prompt in the same run.
+same backend's autoregressive decoding of the same prompt in the same run.  Rows of several
+backends (a ``backend`` key per row) are summarised side by side, with each backend's
+tokens/s over the first backend's (``cross_backend_ratios``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -24,7 +27,7 @@ from .decoding import GenerationConfig, SpeculativeDecoder
 from .errors import KnapSpecError
 from .planner.factory import make_planner
 from .planner.plan import select_plan
-from .planner.planners import StaticPlanner
+from .planner.planners import Planner, StaticPlanner
 
 log = logging.getLogger(__name__)
 
@@ -198,24 +201,36 @@ def benchmark(
     backend: Backend, cost_model: CostModel, prompts: Sequence[Prompt], strategies: Sequence[str],
     peers: Sequence[str], max_new_tokens: int, repeats: int, max_draft_length: int = 8,
     progress: Callable[[str], None] | None = None, peer_repeats: int = 1,
+    planner_factory: Callable[[str], Planner] | None = None,
+    generation: GenerationConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Every strategy and peer on every prompt; rows with speedups over same-prompt AR."""
+    """Every strategy and peer on every prompt; rows with speedups over same-prompt AR.
+
+    ``planner_factory(strategy)`` builds the planners (default: ``make_planner`` with the
+    backend's layout, ``cost_model`` and ``max_draft_length``); ``generation`` supplies
+    sampling and re-plan settings (``max_new_tokens`` and ``stop_at_eos=False`` win).  With
+    sampling, ``identical_to_ar`` is ``None``: sampled outputs are not expected to match.
+    """
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    if generation is not None:
+        config = dataclasses.replace(generation, max_new_tokens=max_new_tokens,
+                                     stop_at_eos=False)
+    if planner_factory is None:
+        def planner_factory(s: str) -> Planner:
+            return make_planner(s, backend.layout, cost_model, max_draft_length)
     rows: list[dict[str, Any]] = []
     order = ["ar", *[s for s in strategies if s != "ar"]]
     for prompt in prompts:
-        decoders = {s: SpeculativeDecoder(backend, make_planner(s, backend.layout, cost_model,
-                                                                 max_draft_length))
-                    for s in order}
+        decoders = {s: SpeculativeDecoder(backend, planner_factory(s)) for s in order}
         for dec in decoders.values():  # warm-up: JIT, oracle paths, allocations (untimed)
-            dec.generate(prompt.ids, GenerationConfig(12, stop_at_eos=False))
+            dec.generate(prompt.ids, dataclasses.replace(config, max_new_tokens=12))
         results: dict[str, list[Any]] = {s: [] for s in order}
         for r in range(repeats):
             for s, dec in decoders.items():  # interleaved, so drift hits every strategy alike
                 if progress:
                     progress(f"{prompt.name} ctx={len(prompt.ids)} repeat {r + 1} {s}")
                 results[s].append(dec.generate(prompt.ids, config))
-        reference = results["ar"][0].tokens
+        reference = results["ar"][0].tokens if config.sampling.greedy else None
         ar_tps = statistics.median(x.tokens_per_second for x in results["ar"])
         for s in order:
             stats = strategy_stats(s, prompt, results[s], reference)
@@ -238,30 +253,61 @@ def benchmark(
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median over prompts per (context bucket, strategy)."""
+    """Median over prompts per (context bucket, strategy, backend), backends side by side.
+
+    Rows with a ``backend`` key keep it, and gain ``cross_backend_ratio`` (see
+    ``cross_backend_ratios``); ``identical_to_ar`` is ``None`` where nothing was compared.
+    """
     rows = [r for r in rows if "error" not in r]
-    keys = sorted({(r["context"], r["strategy"]) for r in rows},
-                  key=lambda k: (k[0], [r["strategy"] for r in rows].index(k[1])))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    backends = list(dict.fromkeys(r.get("backend") for r in rows))
+    keys = sorted({(r["context"], r["strategy"], r.get("backend")) for r in rows},
+                  key=lambda k: (k[0], strategies.index(k[1]), backends.index(k[2])))
     out = []
-    for ctx, strat in keys:
-        sel = [r for r in rows if r["context"] == ctx and r["strategy"] == strat]
+    for ctx, strat, backend in keys:
+        sel = [r for r in rows if r["context"] == ctx and r["strategy"] == strat
+               and r.get("backend") == backend]
         med = lambda k, sel=sel: statistics.median(r[k] for r in sel)  # noqa: E731
-        out.append({
+        same = [r["identical_to_ar"] for r in sel if r["identical_to_ar"] is not None]
+        entry = {} if backend is None else {"backend": backend}
+        entry.update({
             "context": ctx, "strategy": strat, "prompts": len(sel),
             "prompt_tokens": med("prompt_tokens"), "tokens_per_second": med("tokens_per_second"),
             "speedup": med("speedup"), "acceptance_rate": med("acceptance_rate"),
             "mean_accepted_length": med("mean_accepted_length"), "plan_share": med("plan_share"),
             "draft_share": med("draft_share"), "verify_share": med("verify_share"),
-            "identical_to_ar": all(r["identical_to_ar"] for r in sel
-                                   if r["identical_to_ar"] is not None),
+            "identical_to_ar": all(same) if same else None,
         })
+        out.append(entry)
+    if backends != [None]:
+        cross_backend_ratios(out)
     return out
 
 
+def cross_backend_ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each summary row's ``cross_backend_ratio``: its tokens/s over the first backend's
+    on the same (context, strategy); ``None`` where the first backend has no such row.
+    Returns ``summary``."""
+    if not summary:
+        return summary
+    first = next(s["backend"] for s in summary)
+    ref = {(s["context"], s["strategy"]): s["tokens_per_second"] for s in summary
+           if s["backend"] == first}
+    for s in summary:
+        base = ref.get((s["context"], s["strategy"]))
+        s["cross_backend_ratio"] = s["tokens_per_second"] / base if base else None
+    return summary
+
+
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    head = ("| context (prompt tokens) | strategy | tok/s | speedup vs AR | acceptance | "
-            "tokens/step | draft % | verify % | plan % | same tokens as AR |")
-    lines = [head, "|" + "---|" * 10]
+    """The summary as a markdown table; a backend column (and tokens/s over the first
+    backend's) when the rows name their backend."""
+    multi = any("backend" in s for s in summary)
+    first = next((s["backend"] for s in summary if "backend" in s), "")
+    head = ("| context (prompt tokens) | " + ("backend | " if multi else "") +
+            "strategy | tok/s | speedup vs AR | " + (f"tok/s vs {first} | " if multi else "") +
+            "acceptance | tokens/step | draft % | verify % | plan % | same tokens as AR |")
+    lines = [head, "|" + "---|" * (12 if multi else 10)]
     for s in summary:
         if s["strategy"].startswith("hf-"):  # peers: generate() reports no loop statistics
             stats = "- | - | - | - | - |"
@@ -269,10 +315,15 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
             stats = (f"{s['acceptance_rate']:.2f} | {s['mean_accepted_length']:.2f} | "
                      f"{100 * s['draft_share']:.0f} | {100 * s['verify_share']:.0f} | "
                      f"{100 * s['plan_share']:.1f} |")
+        same = {True: "yes", False: "NO", None: "-"}[s["identical_to_ar"]]
+        backend = f"{s.get('backend', '-')} | " if multi else ""
+        cross = ""
+        if multi:
+            r = s.get("cross_backend_ratio")
+            cross = "- | " if r is None else f"{r:.3f}x | "
         lines.append(
-            f"| {s['context']} ({s['prompt_tokens']:.0f}) | {s['strategy']} | "
-            f"{s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {stats} "
-            f"{'yes' if s['identical_to_ar'] else 'NO'} |"
+            f"| {s['context']} ({s['prompt_tokens']:.0f}) | {backend}{s['strategy']} | "
+            f"{s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {cross}{stats} {same} |"
         )
     return "\n".join(lines)
 

@@ -34,3 +34,96 @@ def test_sweep_needs_a_block_oracle():
 def test_pearson_of_points():
     pts = [{"predicted_tps": x, "measured_tps": 2 * x + 1} for x in (1.0, 2.0, 3.0)]
     assert pearson(pts) == pytest.approx(1.0)
+
+
+def test_summary_of_several_backends_side_by_side():
+    rows = []
+    be = FakeBackend(vocab=24, n_layers=4)
+    got = benchmark(be, fake_cost_model(), [Prompt("p0", 16, [1, 2, 3, 4])],
+                    ["ar", "knapspec"], [], 12, 1)
+    for name, scale in (("torch", 1.0), ("llamacpp", 3.0)):
+        rows += [{**r, "backend": name, "tokens_per_second": r["tokens_per_second"] * scale}
+                 for r in got]
+    summary = summarize(rows)
+    assert [(s["strategy"], s["backend"]) for s in summary] == [
+        ("ar", "torch"), ("ar", "llamacpp"), ("knapspec", "torch"), ("knapspec", "llamacpp")]
+    for s in summary:
+        assert s["cross_backend_ratio"] == pytest.approx(3.0 if s["backend"] == "llamacpp"
+                                                         else 1.0)
+    table = markdown_table(summary)
+    assert "| backend |" in table and "tok/s vs torch" in table
+    assert "| llamacpp | knapspec |" in table and "3.000x" in table
+
+
+def test_sampled_benchmarks_do_not_claim_identical_tokens():
+    from knapspec.decoding import GenerationConfig
+
+    be = FakeBackend(vocab=24, n_layers=4)
+    rows = benchmark(be, fake_cost_model(), [Prompt("p0", 16, [1, 2, 3])], ["ar", "knapspec"],
+                     [], 12, 1, generation=GenerationConfig(temperature=0.8, seed=1))
+    assert all(r["identical_to_ar"] is None for r in rows)
+    summary = summarize(rows)
+    assert all(s["identical_to_ar"] is None for s in summary)
+    assert "| - |" in markdown_table(summary)
+
+
+def test_bench_cli_compares_backends_in_one_run(monkeypatch, tmp_path, capsys):
+    """``knapspec bench --backends``: one backend at a time, backend column, cross ratios,
+    warm-up seconds apart from decode time (fake backends: no model needed)."""
+    import json
+
+    import knapspec.bench as bench_mod
+    import knapspec.runtime as runtime
+    from knapspec.cli import main
+
+    built = []
+
+    class Warm(FakeBackend):
+        warmup_seconds = 1.5
+
+    def fake_build(config):
+        built.append((config.backend.name, config.backend.options_for()))
+        return (Warm if config.backend.name == "torch-compile" else FakeBackend)(
+            vocab=24, n_layers=4)
+
+    monkeypatch.setattr(runtime, "build_backend", fake_build)
+    monkeypatch.setattr(runtime, "config_cost_model", lambda c, b, progress=True:
+                        fake_cost_model())
+    monkeypatch.setattr(bench_mod, "make_prompts", lambda be, ctx, n, data=None:
+                        [Prompt("p", c, [1, 2, 3, 4]) for c in ctx])
+    cfg = tmp_path / "knapspec.toml"
+    cfg.write_text('[backend]\nthreads = 2\n[backend.torch-compile]\ncompile_mode = "default"\n'
+                   '[planner]\nstrategy = "knapspec"\nmax_draft_length = 3\n'
+                   "[generation]\nmax_new_tokens = 10\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    assert main(["bench", "--config", str(cfg), "--backends", "torch,torch-compile,llamacpp",
+                 "--context-tokens", "16", "--repeats", "1", "--out", str(out),
+                 "--markdown", str(md)]) == 0
+    assert built == [("torch", {"threads": 2}),
+                     ("torch-compile", {"threads": 2, "compile_mode": "default"}),
+                     ("llamacpp", {"threads": 2})]
+    result = json.loads(out.read_text())
+    assert [b["name"] for b in result["backends"]] == ["torch", "torch-compile", "llamacpp"]
+    assert result["backends"][1]["warmup_seconds"] == 1.5
+    assert "warmup_seconds" not in result["backends"][0]
+    summary = result["summary"]
+    assert {(s["backend"], s["strategy"]) for s in summary} == {
+        (b, s) for b in ("torch", "torch-compile", "llamacpp") for s in ("ar", "knapspec")}
+    assert all(s["cross_backend_ratio"] == 1.0 for s in summary if s["backend"] == "torch")
+    assert all(r["new_tokens"] == 10 for r in result["rows"])
+    text = capsys.readouterr().out
+    assert "| torch-compile | knapspec |" in text and "tok/s vs torch" in text
+    assert "warm-up (outside decode time): torch-compile 1.5 s" in text
+    assert md.read_text().startswith("| context")
+
+
+def test_bench_cli_rejects_an_option_one_backend_lacks_before_loading(monkeypatch, capsys):
+    import knapspec.runtime as runtime
+    from knapspec.cli import main
+
+    monkeypatch.setattr(runtime, "build_backend", lambda c: pytest.fail("built a backend"))
+    assert main(["bench", "--backends", "torch,llamacpp", "--set", "backend.dtype=float32",
+                 "--strategies", "ar,knapspec"]) == 2
+    err = capsys.readouterr().err
+    assert "option 'dtype' is not supported by backend 'llamacpp'" in err

