@@ -459,7 +459,7 @@ class KnapSpecConfig:
                     get(getattr(cm, key))
                 except KnapSpecError as e:
                     raise KnapSpecError(f"costmodel.{key}: {e}") from None
-        elif self.source_of("costmodel.hardware") != DEFAULT:
+        elif cm.hardware != CostModelSection.hardware:  # set, but nothing would use it
             raise KnapSpecError(
                 f'costmodel.hardware: only used with source = "roofline", '
                 f"got source = {cm.source!r}")
