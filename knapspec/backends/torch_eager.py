@@ -424,6 +424,19 @@ class TorchEagerBackend(Backend):
     ) -> TorchEagerBackend:
         """A backend over a ``transformers`` causal-LM object (tokenizer optional)."""
         self = cls.__new__(cls)
+        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens)
+        return self
+
+    def _init_from_hf(
+        self,
+        model: Any,
+        tokenizer: Any,
+        dtype: torch.dtype | None,
+        threads: int | None,
+        max_context: int | None,
+        capture_tokens: int,
+    ) -> None:
+        """``from_hf``'s initialisation of a bare instance (subclasses add their own)."""
         _set_threads(threads)
         self.loaded = None
         name = str(getattr(model.config, "_name_or_path", "") or "")
@@ -441,7 +454,6 @@ class TorchEagerBackend(Backend):
             model_name=name or fallback,
             model_key=(name or fallback).replace("/", "_"),
         )
-        return self
 
     # ------------------------------------------------------------------ setup
     def _setup(

@@ -1,0 +1,294 @@
+"""The ``torch-compile`` backend: the eager backend's per-block functions under ``torch.compile``.
+
+Everything but the block math is inherited from ``TorchEagerBackend`` (weights, KV cache,
+prompt caching, capture, block oracle).  The four callables of ``forward`` --
+
+* ``attention_block``: norm + attention over the preallocated KV cache + residual,
+* ``mlp_block``: norm + gated MLP + residual,
+* ``rms_norm``: the final norm,
+* ``lm_head``: the LM head (float32 logits),
+
+-- are the same module-level pure functions as the eager backend's, each wrapped once per
+process by ``torch.compile`` (one set per ``(compile_mode, threads)``, shared by every
+instance) and held on the instance.  The skip mask only decides which compiled callables
+``forward`` calls, so it never reaches a compiled graph and cannot cause a recompilation.
+
+Shapes: one graph serves all ``L`` layers (weights are graph inputs, not constants).  The
+growing context (``start``) and the token count ``T`` are dynamic through dynamo's automatic
+dynamic shapes: the warm-up runs each callable at two different values of every size that
+varies in use, so the graphs it leaves behind are the dynamic ones.  The graphs (for
+SmolLM2: about 14 in all) are: ``T == 1`` (one decoding token, no attention mask) and
+``T > 1`` (verification and prefill chunks), each at ``start == 0``, ``start == 1`` (dynamo
+specialises the values 0 and 1) and ``start >= 2``.  ``recompilations()`` reports graphs
+compiled since the warm-up; it stays 0 across masks and context lengths (tested).
+
+Compilation cost: the warm-up (``warmup_seconds``, also in ``describe()``) happens in the
+constructor; the first backend of a process pays dynamo tracing plus inductor's compilation
+or its on-disk FX graph cache (``TORCHINDUCTOR_CACHE_DIR``, default
+``/tmp/torchinductor_<user>``), later backends of the same process re-run the warm-up
+shapes in well under a second.
+
+The block oracle (``block_oracle().apply_block``, batched candidates) stays eager: its
+``[S, T, D]`` shapes vary with the planner's search and it runs once per plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KnapSpecError
+from .torch_eager import (
+    TorchEagerBackend,
+    attention_block,
+    lm_head,
+    mlp_block,
+    rms_norm,
+    torch,
+)
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+#: dynamo's per-function cache limit is raised to at least this many graphs: the warm-up of
+#: one model leaves about 6 graphs per function, and tests build several models per process
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class CompiledBlocks:
+    """The compiled per-block callables of one ``(compile_mode, threads)``."""
+
+    mode: str
+    threads: int  # inductor's C++ kernels fix their OpenMP thread count when compiled
+    attention: Callable[..., torch.Tensor]
+    mlp: Callable[..., torch.Tensor]
+    norm: Callable[..., torch.Tensor]
+    head: Callable[..., torch.Tensor]
+
+
+_COMPILED: dict[tuple[str, int], CompiledBlocks] = {}
+_LOCK = threading.Lock()
+
+
+def compiled_blocks(mode: str = "default") -> CompiledBlocks:
+    """The process-wide compiled callables for ``mode`` at the current torch thread count.
+
+    ``torch.compile`` itself compiles lazily, on the first call of each shape; this only
+    wraps the pure functions (once per key, so graphs are shared by every backend instance).
+    """
+    if mode not in COMPILE_MODES:
+        raise KnapSpecError(
+            f"unknown compile_mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})"
+        )
+    key = (mode, torch.get_num_threads())
+    with _LOCK:
+        blocks = _COMPILED.get(key)
+        if blocks is None:
+            limit = int(torch._dynamo.config.recompile_limit)
+            if limit < RECOMPILE_LIMIT:
+                log.info("raising torch._dynamo recompile_limit %d -> %d", limit, RECOMPILE_LIMIT)
+                torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+            def comp(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+                return torch.compile(fn, mode=mode, dynamic=None, fullgraph=True)
+
+            blocks = CompiledBlocks(
+                mode, key[1], comp(attention_block), comp(mlp_block), comp(rms_norm),
+                comp(lm_head),
+            )  # fmt: skip
+            _COMPILED[key] = blocks
+    return blocks
+
+
+def compile_counters() -> dict[str, int]:
+    """Process-wide compilation counters from ``torch._dynamo.utils.counters``.
+
+    ``unique_graphs``: graphs dynamo has captured (every compilation or recompilation adds
+    one); ``aot_compiles``: graphs AOTAutograd compiled; ``fxgraph_cache_hit`` /
+    ``fxgraph_cache_miss``: inductor graphs loaded from / missing in the on-disk FX graph cache.
+    """
+    counters = torch._dynamo.utils.counters
+    return {
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "aot_compiles": int(counters["aot_autograd"]["total"]),
+        "fxgraph_cache_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
+        "fxgraph_cache_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
+    }
+
+
+def _fx_graph_cache() -> dict[str, Any]:
+    """Whether inductor's on-disk FX graph cache is on, and where it lives."""
+    info: dict[str, Any] = {"fx_graph_cache": bool(torch._inductor.config.fx_graph_cache)}
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        info["inductor_cache_dir"] = str(cache_dir())
+    except ImportError:  # older torch: the location moved
+        info["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    return info
+
+
+class TorchCompileBackend(TorchEagerBackend):
+    """``TorchEagerBackend`` with its per-block functions compiled by ``torch.compile``.
+
+    Args:
+        model, dtype, threads, max_context, capture_tokens: as ``TorchEagerBackend``.
+        compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
+            ``max-autotune``, ``max-autotune-no-cudagraphs``; on CPU the CUDA-graph part of
+            ``reduce-overhead`` does not apply).
+
+    Attributes:
+        warmup_seconds: seconds this instance's constructor spent compiling (or loading
+            compiled graphs) and running the warm-up shapes; near 0 when an earlier backend of
+            the process already compiled them.
+        warmup_graphs: graphs compiled during this instance's warm-up.
+    """
+
+    name = "torch-compile"
+
+    def __init__(
+        self,
+        model: LoadedModel | str | os.PathLike[str] | None = None,
+        dtype: torch.dtype | str | None = torch.float32,
+        threads: int | None = None,
+        max_context: int | None = None,
+        capture_tokens: int = 8,
+        compile_mode: str = "default",
+    ) -> None:
+        self.compile_mode = compile_mode
+        super().__init__(model, dtype, threads, max_context, capture_tokens)
+
+    @classmethod
+    def from_hf(
+        cls,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        dtype: torch.dtype | None = None,
+        threads: int | None = None,
+        max_context: int | None = None,
+        capture_tokens: int = 8,
+        compile_mode: str = "default",
+    ) -> TorchCompileBackend:
+        """A compiled backend over a ``transformers`` causal-LM object (tokenizer optional)."""
+        self = cls.__new__(cls)
+        self.compile_mode = compile_mode
+        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens)
+        return self
+
+    def _setup(self, *args: Any, **kwargs: Any) -> None:
+        mode = getattr(self, "compile_mode", "default")
+        blocks = compiled_blocks(mode)  # validates the mode before the weights are set up
+        super()._setup(*args, **kwargs)
+        self.compile_mode = mode
+        self._compiled = blocks
+        self._attention_fn = blocks.attention
+        self._mlp_fn = blocks.mlp
+        self._norm_fn = blocks.norm
+        self._head_fn = blocks.head
+        self.warmup_seconds = 0.0
+        self.warmup_graphs = 0
+        self.warmup_cache: dict[str, int] = {}
+        self._graphs_after_warmup = 0
+        self.warmup()
+
+    # ------------------------------------------------------------------ compilation
+    def warmup(self) -> float:
+        """Run every shape class ``forward`` meets, so that later calls never compile.
+
+        Uses the KV cache as scratch (it is reset afterwards).  Returns the seconds spent
+        (also stored in ``warmup_seconds``).  The sequence gives every varying size two
+        values, so dynamo marks it dynamic: ``T`` in 1 (decoding), 2.. (verification,
+        prefill chunks); ``start`` at 0, 1 and two values >= 2; logits of all positions and
+        of the last only (a view at a varying offset).
+        """
+        before = compile_counters()
+        t0 = time.perf_counter()
+        n_embed = int(self.embed_w.shape[0])
+        tok = [i % n_embed for i in range(1, 17)]
+        # (tokens, all_logits, reset before); positions in the comment
+        plan: list[tuple[int, bool, bool]] = [
+            (6, True, True),  # start 0, T 6
+            (1, False, False),  # start 6, T 1
+            (1, True, False),  # start 7, T 1
+            (3, True, False),  # start 8, T 3
+            (4, False, False),  # start 11, T 4 -> T, start dynamic
+            (5, False, True),  # start 0, T 5 -> T dynamic at start 0
+            (1, True, True),  # start 0, T 1 (one-token prompt)
+            (1, False, False),  # start 1, T 1
+            (2, True, False),  # start 2, T 2
+            (3, False, True),  # start 0, T 3
+            (2, True, True),  # start 0, T 2
+            (1, True, False),  # start 2, T 1
+            (2, False, True),  # start 0, T 2
+            (3, True, False),  # start 2, T 3
+            (1, True, True),  # start 0, T 1
+            (2, True, False),  # start 1, T 2
+            (3, False, False),  # start 3, T 3
+            (1, True, True),  # start 0, T 1
+            (3, False, False),  # start 1, T 3
+        ]
+        try:
+            self._warm_token_dim()
+            for n, all_logits, fresh in plan:
+                if fresh:
+                    self.reset()
+                if self.length + n > self.max_context:
+                    continue  # a tiny cache: these shapes can never occur
+                self.forward(tok[:n], None, all_logits=all_logits)
+        finally:
+            self.reset()
+            with torch.inference_mode():  # leave no scratch K/V behind (the eager one has none)
+                self.k_cache[:, :, : len(tok)].zero_()
+                self.v_cache[:, :, : len(tok)].zero_()
+        self.warmup_seconds = time.perf_counter() - t0
+        after = compile_counters()
+        self.warmup_graphs = after["unique_graphs"] - before["unique_graphs"]
+        self.warmup_cache = {k: after[k] - before[k] for k in after if k.startswith("fxgraph")}
+        self._graphs_after_warmup = after["unique_graphs"]
+        log.info(
+            "torch-compile warm-up (mode %s, %d threads): %.1f s, %d graphs compiled",
+            self.compile_mode, self._compiled.threads, self.warmup_seconds, self.warmup_graphs,
+        )  # fmt: skip
+        return self.warmup_seconds
+
+    def _warm_token_dim(self) -> None:
+        """Compile the MLP, final-norm and head graphs with the token axis dynamic from the
+        start (``mark_dynamic``), instead of first specialising them to one prefill length."""
+        blocks = self._compiled
+        with torch.inference_mode():
+            x = torch.zeros(2, self.dim, dtype=self.dtype)  # [T, D]
+
+            def dyn() -> torch.Tensor:
+                t = x.clone()
+                torch._dynamo.mark_dynamic(t, 0)
+                return t
+
+            blocks.mlp(dyn(), self.mlp_w[0], self.eps, self.act)
+            blocks.norm(dyn(), self.norm_w, self.norm_eps)
+            blocks.head(dyn(), self.out_w, self.out_b)
+
+    def recompilations(self) -> int:
+        """Graphs dynamo compiled in this process since this backend's warm-up (process-wide
+        counter: compiling anything else in between counts too)."""
+        return compile_counters()["unique_graphs"] - self._graphs_after_warmup
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "compile_mode": self.compile_mode,
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_graphs": self.warmup_graphs,
+            "warmup_fxgraph_cache": self.warmup_cache,
+            **_fx_graph_cache(),
+        }
