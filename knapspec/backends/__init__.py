@@ -77,6 +77,9 @@ BACKENDS: dict[str, BackendEntry] = {
         (
             _THREADS,
             _MAX_CONTEXT,
+            BackendOption("flash_attn", bool, True,
+                          "llama.cpp flash attention for target and drafts (fewer batch-size "
+                          "rounding differences between verification and plain decoding)"),
             BackendOption("draft_pool", int, 4, "draft models kept loaded (one per mask)"),
             BackendOption("draft_cache_mb", int, 2048,
                           "size bound of the on-disk draft GGUF cache, in MiB"),
