@@ -126,6 +126,18 @@ def compile_counters() -> dict[str, int]:
     }
 
 
+def cached_graphs() -> int:
+    """Graphs dynamo holds for the four block functions (all modes, all instances): the
+    entries of their code objects' caches.  Falls back to the process-wide
+    ``unique_graphs`` counter where torch lacks the debug accessor."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - older or newer torch
+        return compile_counters()["unique_graphs"]
+    fns = (attention_block, mlp_block, rms_norm, lm_head)
+    return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in fns)
+
+
 def _fx_graph_cache() -> dict[str, Any]:
     """Whether inductor's on-disk FX graph cache is on, and where it lives."""
     info: dict[str, Any] = {"fx_graph_cache": bool(torch._inductor.config.fx_graph_cache)}
@@ -255,7 +267,7 @@ class TorchCompileBackend(TorchEagerBackend):
         after = compile_counters()
         self.warmup_graphs = after["unique_graphs"] - before["unique_graphs"]
         self.warmup_cache = {k: after[k] - before[k] for k in after if k.startswith("fxgraph")}
-        self._graphs_after_warmup = after["unique_graphs"]
+        self._graphs_after_warmup = cached_graphs()
         log.info(
             "torch-compile warm-up (mode %s, %d threads): %.1f s, %d graphs compiled",
             self.compile_mode, self._compiled.threads, self.warmup_seconds, self.warmup_graphs,
@@ -279,9 +291,9 @@ class TorchCompileBackend(TorchEagerBackend):
             blocks.head(dyn(), self.out_w, self.out_b)
 
     def recompilations(self) -> int:
-        """Graphs dynamo compiled in this process since this backend's warm-up (process-wide
-        counter: compiling anything else in between counts too)."""
-        return compile_counters()["unique_graphs"] - self._graphs_after_warmup
+        """Graphs compiled for the block functions since this backend's warm-up (another
+        backend's warm-up in between, e.g. of another model or mode, counts too)."""
+        return cached_graphs() - self._graphs_after_warmup
 
     def describe(self) -> dict[str, Any]:
         return {
