@@ -128,6 +128,20 @@ def test_knapspec_planner_reuses_candidates_until_context_grows():
     assert planner.dp_runs == 3
 
 
+def test_knapspec_planner_without_block_access_plans_with_its_prior():
+    from knapspec.planner.planners import AdditivePlanner
+
+    layout = BlockLayout(4)
+    planner = KnapSpecPlanner(layout, fake_cost_model(), prior_scores=REDUNDANT)
+    early = planner.plan(PlanContext(context=100, generated=2))
+    assert early.is_autoregressive  # waits for generated tokens, as with an oracle
+    plan = planner.plan(PlanContext(context=100, generated=8))
+    prior = AdditivePlanner(layout, fake_cost_model(), REDUNDANT).plan(PlanContext(context=100))
+    assert plan.extra["fidelity"] == "prior" and planner.dp_runs == 0
+    assert np.array_equal(plan.mask, prior.mask) and plan.draft_length == prior.draft_length
+    assert not plan.is_autoregressive
+
+
 def test_knapspec_planner_skips_the_search_when_drafting_cannot_pay():
     # verification of k tokens costs k full steps: no draft can ever pay
     cm = LinearCostModel(mlp_s=1e-3, attn_per_token_s=0, attn_base_s=1e-3, head_s=1e-3,

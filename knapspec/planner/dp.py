@@ -169,7 +169,9 @@ class KnapSpecPlanner(Planner):
     which is what changes fastest.  Before searching, a prior (the additive planner on a
     fidelity profile, no model calls) must predict that some draft pays back the search;
     otherwise the planner decodes plainly.  It waits for ``min_generated`` generated tokens
-    so the oracle's window holds generated text rather than the chat template.
+    so the oracle's window holds generated text rather than the chat template.  On a
+    backend without block access (no oracle after ``min_generated`` tokens, e.g. llama.cpp)
+    it plans with the prior alone.
     """
 
     name = "knapspec"
@@ -263,6 +265,12 @@ class KnapSpecPlanner(Planner):
         if ctx.generated < self.min_generated and self._candidates is None:
             # the captured window still holds prompt/template tokens: wait for real ones
             return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
+        if ctx.oracle is None and self._candidates is None:
+            # the backend gives no block access (llama.cpp): the same knapsack over the
+            # same cost model, with the prior fidelity profile as the value side
+            plan = self._prior.plan(ctx)
+            plan.extra["fidelity"] = "prior"
+            return plan
         grown = ctx.context >= self._dp_context * (1.0 + self.rerun_growth)
         if (ctx.oracle is not None and (self._candidates is None or grown)
                 and not self.worth_searching(ctx, self._oracle_tokens(ctx.oracle))):
