@@ -161,15 +161,57 @@ class _TimingStreamer:
         return tokens / max(self.events[-1][0] - self.events[0][0], 1e-9)
 
 
+HF_PEERS = ("hf-generate", "hf-prompt-lookup", "hf-early-exit")
+LLAMACPP_PEERS = ("llama-cpp-python",)
+
+
+def peers_for(backend: Any) -> tuple[str, ...]:
+    """What a user of this backend's runtime would run instead of knapspec."""
+    if backend.name == "llamacpp":
+        return LLAMACPP_PEERS
+    return HF_PEERS if hasattr(getattr(backend, "model", None), "generate") else ()
+
+
+def run_llamacpp_peer(
+    backend: Any, prompt: Prompt, max_new_tokens: int, repeats: int,
+    reference: list[int] | None,
+) -> RunStats:
+    """``llama_cpp.Llama`` greedy decoding of the same file with the same threads and
+    attention settings; tokens/s from the first generated token to the last."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(backend.model_path), n_ctx=backend.max_context, n_threads=backend.threads,
+                n_threads_batch=backend.threads, flash_attn=backend.flash_attn, verbose=False)
+    rates, tokens = [], []
+    try:
+        for _ in range(repeats):
+            llm.reset()
+            tokens, stamps = [], []
+            for tok in llm.generate(prompt.ids, temp=0.0, top_k=1):
+                stamps.append(time.perf_counter())
+                tokens.append(int(tok))
+                if len(tokens) == max_new_tokens:
+                    break
+            rates.append((len(tokens) - 1) / max(stamps[-1] - stamps[0], 1e-9))
+    finally:
+        llm.close()
+    same = None if reference is None else tokens == reference[: len(tokens)]
+    return RunStats("llama-cpp-python", prompt.name, prompt.context, len(prompt.ids),
+                    statistics.median(rates), new_tokens=len(tokens), identical_to_ar=same)
+
+
 def run_peer(
     backend: Any, peer: str, prompt: Prompt, max_new_tokens: int, repeats: int,
     reference: list[int] | None,
 ) -> RunStats:
-    """A Hugging Face ``generate()`` peer on the backend's own model weights.
+    """A peer on the backend's own model weights: Hugging Face ``generate()`` (greedy,
+    prompt lookup, early-exit assisted) on torch, ``llama_cpp.Llama`` on llama.cpp.
 
     Decode tokens/s is timed from the first generated token to the last with a streamer,
     so prefill is excluded as for knapspec.
     """
+    if peer == "llama-cpp-python":
+        return run_llamacpp_peer(backend, prompt, max_new_tokens, repeats, reference)
     import torch
 
     model = getattr(backend, "model", None)
@@ -351,12 +393,18 @@ def sweep(
     be.reset()  # a fresh prefill captures the window
     be.prefill(prompt.ids, capture=True)
     oracle = be.block_oracle()
-    if oracle is None:
-        raise KnapSpecError(f"backend {be.name!r} has no block oracle for the sweep")
-    scores = oracle_block_scores(oracle)
+    if oracle is not None:
+        scores = oracle_block_scores(oracle)
+    else:  # no block access (llama.cpp): rank blocks by the prior fidelity profile
+        from .planner.fidelity import default_block_scores
+
+        scores = default_block_scores(be.layout.n_layers)
     order = [b for b in np.argsort(scores) if be.layout.skippable[b]]
     masks = [be.layout.mask_from_blocks(order[:k]) for k in skip_counts]
-    alphas = [float(a) for a in mask_alphas(oracle, np.array(masks))]
+    if oracle is not None:
+        alphas = [float(a) for a in mask_alphas(oracle, np.array(masks))]
+    else:
+        alphas = forward_alphas(be, prompt.ids, masks, SWEEP_ALPHA_TOKENS)
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
     points = []
     plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0)]
@@ -380,6 +428,26 @@ def sweep(
             "predicted_tps": predicted, "measured_tps": res.tokens_per_second,
         })
     return points
+
+
+def forward_alphas(
+    backend: Backend, ids: Sequence[int], masks: Sequence[np.ndarray], window: int
+) -> list[float]:
+    """Top-1 agreement of each mask's draft with the full model on the last ``window``
+    tokens of ``ids``, measured through ``forward`` alone (any backend): the draft runs over
+    the window with the full model's cache of everything before it."""
+    start = max(1, len(ids) - window)
+    backend.reset()
+    backend.prefill(ids)
+    backend.rollback(start)
+    full = backend.forward(ids[start:], None).argmax(axis=-1)  # [window]
+    out = []
+    for mask in masks:
+        backend.rollback(start)
+        draft = backend.forward(ids[start:], mask).argmax(axis=-1)  # [window]
+        out.append(float(np.mean(draft == full)))
+    backend.rollback(start)
+    return out
 
 
 def pearson(points: Sequence[dict[str, Any]]) -> float:

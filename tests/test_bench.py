@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 from fake_backend import FakeBackend, fake_cost_model
 
-from knapspec.bench import Prompt, benchmark, markdown_table, pearson, summarize, sweep
-from knapspec.errors import KnapSpecError
+from knapspec.bench import (
+    Prompt,
+    benchmark,
+    forward_alphas,
+    markdown_table,
+    pearson,
+    summarize,
+    sweep,
+)
 
 
 def test_benchmark_rows_summary_and_table():
@@ -25,10 +32,22 @@ def test_benchmark_rows_summary_and_table():
     assert table.count("\n") == 4 and "| knapspec |" in table
 
 
-def test_sweep_needs_a_block_oracle():
+def test_sweep_without_a_block_oracle_measures_alphas_through_forward():
     be = FakeBackend(vocab=24, n_layers=4)
-    with pytest.raises(KnapSpecError, match="no block oracle"):
-        sweep(be, fake_cost_model(), Prompt("p", 8, [1, 2, 3]), 8)
+    ids = list(range(1, 20))
+    points = sweep(be, fake_cost_model(), Prompt("p", 19, ids), 8, skip_counts=(1, 2),
+                   draft_lengths=(1, 2))
+    assert len(points) == 1 + 2 * 2
+    masks = [be.layout.mask_from_blocks([b]) for b in range(8) if be.layout.skippable[b]]
+    alphas = forward_alphas(be, ids, masks, 8)
+    assert all(0.0 <= a <= 1.0 for a in alphas)
+    # the same measurement by hand: full vs draft argmax over the window
+    be.reset()
+    be.prefill(ids)
+    be.rollback(11)
+    full = be.forward(ids[11:], None).argmax(-1)
+    be.rollback(11)
+    assert alphas[0] == pytest.approx((be.forward(ids[11:], masks[0]).argmax(-1) == full).mean())
 
 
 def test_pearson_of_points():

@@ -22,7 +22,6 @@ from ..planner.factory import STRATEGIES
 from .common import add_backend_arguments, add_generation_arguments, add_planner_arguments
 from .plan import parse_contexts
 
-PEERS = ("hf-generate", "hf-prompt-lookup", "hf-early-exit")
 ALL_STRATEGIES = "ar,knapspec,clasp,static,early-exit,additive"
 
 
@@ -172,7 +171,7 @@ def _run_backend(
     args: argparse.Namespace, config: Any, strategies: list[str], contexts: list[int]
 ) -> dict[str, Any]:
     """Build one backend, benchmark (or sweep) it, release it; rows carry its name."""
-    from ..bench import benchmark, make_prompts, sweep
+    from ..bench import benchmark, make_prompts, peers_for, sweep
     from ..planner.factory import make_planner
     from ..runtime import build_backend, config_cost_model, config_planner
 
@@ -192,7 +191,7 @@ def _run_backend(
         else:
             prompts = make_prompts(backend, contexts, args.prompts,
                                    Path(args.data) if args.data else None)
-            peers = PEERS if args.peers else ()
+            peers = peers_for(backend) if args.peers else ()
             rows = benchmark(
                 backend, cost_model, prompts, strategies, peers,
                 config.generation.max_new_tokens, args.repeats,
