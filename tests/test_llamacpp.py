@@ -67,6 +67,16 @@ def test_draft_without_any_attention_keeps_one_dummy_kv_layer():
     assert everything == [DraftLayer(None, "dummy", "zero")]
 
 
+def test_neox_rows_are_interleaved_per_head():
+    from knapspec.backends.llamacpp.gguf_draft import _neox_to_norm_rows
+
+    rows = np.arange(8)[:, None] * np.ones((1, 3), dtype=np.uint8)  # 2 heads of 4 lanes
+    out = _neox_to_norm_rows(rows, 4)
+    assert out[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]  # lane 2i <- i, 2i+1 <- i + 2
+    with pytest.raises(KnapSpecError, match="whole heads"):
+        _neox_to_norm_rows(rows[:6], 4)
+
+
 def test_missing_llama_cpp_names_the_extra(monkeypatch):
     from knapspec.backends import backend_class
 

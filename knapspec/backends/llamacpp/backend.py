@@ -31,7 +31,14 @@ import numpy as np
 from ...blocks import BlockLayout
 from ...errors import KnapSpecError
 from ..base import Backend
-from .gguf_draft import DRAFTABLE, DraftFiles, GgufSource, draft_layers, kv_layer_map
+from .gguf_draft import (
+    DRAFTABLE,
+    NEOX_ROPE,
+    DraftFiles,
+    GgufSource,
+    draft_layers,
+    kv_layer_map,
+)
 from .kvstate import KVBlob
 from .runner import LlamaRunner
 
@@ -60,7 +67,7 @@ class LlamaCppBackend(Backend):
 
     Args:
         model: ``None`` (the default SmolLM2 GGUF) or a path to a GGUF file of a Llama
-            architecture model.
+            (Llama 2/3, Mistral, SmolLM) or Qwen2 architecture model.
         threads: CPU threads (default: the cores this process may use).
         max_context: context size in tokens (default: the model's training context).
         flash_attn: llama.cpp's flash attention for the target and every draft (on by
@@ -102,17 +109,21 @@ class LlamaCppBackend(Backend):
                 raise KnapSpecError(f"{opt} must be a positive integer, got {value!r}")
         self.model_path = source.path
         self.threads = int(threads or default_threads())
-        t0 = time.perf_counter()
         self.flash_attn = bool(flash_attn)
-        self._target = LlamaRunner(self.model_path, int(max_context or 0), self.threads,
-                                   flash_attn=self.flash_attn)
-        self.load_seconds = time.perf_counter() - t0
-        self.max_context = self._target.n_ctx
+        t0 = time.perf_counter()
         folder = cache_dir() / "llamacpp"
         self.source = GgufSource(self.model_path, index_dir=folder)
         self._files = DraftFiles(self.source, folder / f"drafts-{self.source.key}",
                                  int(draft_cache_mb) << 20)
         self.layout = BlockLayout(self.source.n_layer)
+        # NEOX-RoPE models run as their no-skip deci rewrite (same maths, one K layout)
+        self.target_path = (self._files.get(self.layout.empty_mask()) if arch in NEOX_ROPE
+                            else self.model_path)
+        self._files.pinned.add(self.target_path)
+        self._target = LlamaRunner(self.target_path, int(max_context or 0), self.threads,
+                                   flash_attn=self.flash_attn)
+        self.load_seconds = time.perf_counter() - t0
+        self.max_context = self._target.n_ctx
         self.vocab_size = self._target.n_vocab
         self.eos_token_ids = frozenset(
             t for t in range(self.vocab_size)

@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 #: bump when the draft encoding changes, so cached drafts of the old encoding are not reused
 DRAFT_FORMAT = 1
 #: architectures whose layers the ``deci`` graph reproduces exactly
-DRAFTABLE = ("llama",)
+DRAFTABLE = ("llama", "qwen2")
+#: architectures whose GGUF uses NEOX RoPE (half-split lanes): their q/k rows are permuted
+#: to the interleaved order of ``deci``'s NORM RoPE, and the target is run as a no-skip
+#: ``deci`` file too, so that target and drafts share one K layout for transplants
+NEOX_ROPE = ("qwen2",)
 _PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
 _ZERO_FF = 1  # rows of the all-zero identity FFN (1 is the smallest that works)
 
@@ -258,9 +262,13 @@ def write_draft(src: GgufSource, mask: np.ndarray, dst: Path) -> None:
 
         order: list[np.ndarray] = []
 
+        neox = src.arch in NEOX_ROPE
+
         def copy(name: str, new: str) -> None:
             t = src.tensors[name]
             data = src.data(name)
+            if neox and name.split(".")[-2] in ("attn_q", "attn_k"):
+                data = _neox_to_norm_rows(data, hd)
             w.add_tensor_info(new, data.shape, data.dtype, t.nbytes, _qtype(t.ggml_type))
             order.append(data)
 
@@ -309,6 +317,22 @@ def write_draft(src: GgufSource, mask: np.ndarray, dst: Path) -> None:
             tmp.unlink()
 
 
+def _neox_to_norm_rows(data: np.ndarray, head_dim: int) -> np.ndarray:
+    """Reorder the output rows of a q/k projection (or its bias) within each head from the
+    half-split lane order of NEOX RoPE to the interleaved order of NORM RoPE: new lane
+    ``2i`` = old ``i``, ``2i+1`` = old ``i + head_dim/2``.  Rows are whole quantisation
+    units, so this is a byte copy; q and k get the same order, so q.k is unchanged."""
+    half = head_dim // 2
+    lane = np.empty(head_dim, dtype=np.int64)
+    lane[0::2] = np.arange(half)
+    lane[1::2] = np.arange(half) + half
+    rows = data.shape[0]
+    if rows % head_dim:
+        raise KnapSpecError(f"q/k projection with {rows} rows is not whole heads of {head_dim}")
+    order = (np.arange(rows // head_dim)[:, None] * head_dim + lane[None, :]).ravel()
+    return np.ascontiguousarray(data[order])
+
+
 def _qtype(value: int) -> Any:
     from gguf import GGMLQuantizationType
 
@@ -334,6 +358,7 @@ class DraftFiles:
         self.folder = folder
         self.max_bytes = max_bytes
         self.write_seconds: list[float] = []  # measured writes, for switch-cost estimates
+        self.pinned: set[Path] = set()  # files in use that eviction must keep
 
     def path(self, mask: np.ndarray) -> Path:
         bits = np.packbits(np.asarray(mask, dtype=bool)).tobytes()
@@ -367,7 +392,7 @@ class DraftFiles:
         for _, size, f in sorted(files):
             if total <= self.max_bytes:
                 break
-            if f == keep:
+            if f == keep or f in self.pinned:
                 continue
             f.unlink(missing_ok=True)
             total -= size
