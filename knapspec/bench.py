@@ -383,7 +383,10 @@ def sweep(
     Masks skip the ``k`` blocks whose single-block skip hurts least, measured with the
     backend's block oracle on the prompt; the predicted acceptance of each mask is its top-1
     agreement with the full model on the prompt's last tokens (what the KnapSpec planner
-    uses), and the predicted tokens/s comes from the cost model (``select_plan``).
+    uses), and the predicted tokens/s comes from the cost model (``select_plan``).  Without
+    a block oracle (llama.cpp) blocks are ranked by the prior fidelity profile and the
+    agreement is measured through ``forward`` (``forward_alphas``).  Each point also
+    carries ``prior_alpha``, the prior profile's prediction, to compare the two signals.
     """
     from .planner.dp import mask_alphas, oracle_block_scores
 
@@ -405,6 +408,9 @@ def sweep(
         alphas = [float(a) for a in mask_alphas(oracle, np.array(masks))]
     else:
         alphas = forward_alphas(be, prompt.ids, masks, SWEEP_ALPHA_TOKENS)
+    from .planner.fidelity import additive_alpha, default_block_scores
+
+    prior = default_block_scores(be.layout.n_layers)  # what a planner without block access uses
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
     points = []
     plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0)]
@@ -425,6 +431,7 @@ def sweep(
             "context": ctx, "attn_skipped": int(mask[0::2].sum()),
             "mlp_skipped": int(mask[1::2].sum()), "draft_length": d,
             "predicted_alpha": a, "measured_alpha": res.acceptance_rate if d else 1.0,
+            "prior_alpha": additive_alpha(prior[mask]) if d else 1.0,
             "predicted_tps": predicted, "measured_tps": res.tokens_per_second,
         })
     return points
