@@ -181,7 +181,7 @@ def cached_profile(
         if isinstance(model, TableCostModel):
             log.info("using cached cost model %s", p)
             return model
-    model = profile_backend(backend, **kwargs)
+    model = backend.profile(**kwargs)
     p.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(model, p)
     log.info("saved cost model to %s", p)

@@ -283,8 +283,9 @@ def test_tokenizer_free_backend_and_metadata(backend):
     assert "model" in d
     t = backend.time_head(4, 3)
     assert 0.0 < t < 1.0
-    with pytest.raises(NotImplementedError):
-        backend.profile()
+    model = backend.profile(contexts=[16, 64], token_counts=(1, 2), repeats=1, progress=False)
+    assert model.meta["backend"] == "torch"
+    assert model.full_step_seconds(backend.layout.n_layers, 64, 2) > 0
 
 
 def test_dtype_mismatch_is_refused(qwen3):

@@ -122,9 +122,15 @@ class Backend(ABC):
         """One-off seconds to start drafting with ``mask`` (0 for backends that share weights)."""
         return 0.0
 
-    @abstractmethod
     def profile(self, **kwargs: Any) -> CostModel:
-        """Measure this backend's latencies into a cost model (see ``knapspec.profiling``)."""
+        """Measure this backend's latencies into a cost model.
+
+        The default times real ``forward`` calls (``knapspec.profiling.profile_backend``,
+        which documents ``kwargs``); backends with costs of their own add them here.
+        """
+        from ..profiling import profile_backend
+
+        return profile_backend(self, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         """Provenance for cost-model files and benchmark reports (model, threads, dtype...)."""

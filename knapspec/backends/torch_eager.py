@@ -50,7 +50,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 if TYPE_CHECKING:
-    from ..costmodels.base import CostModel
     from ..models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -772,9 +771,6 @@ class TorchEagerBackend(Backend):
         return TorchBlockOracle(self, self._cap, self._cap_start)
 
     # ------------------------------------------------------------------ measurement
-    def profile(self, **kwargs: Any) -> CostModel:
-        raise NotImplementedError("knapspec.profiling")
-
     def time_head(self, n_tokens: int, repeats: int) -> float:
         """Median seconds of final norm + LM head on ``n_tokens`` states."""
         if n_tokens < 1 or repeats < 1:
