@@ -184,6 +184,9 @@ class AdditivePlanner(Planner):
         self.resolution = int(resolution)
         self.method = method
         self.scores = self._check_scores(scores)
+        # (weights + scores key, masks, alphas) of the last frontier: contexts whose block
+        # costs quantise to the same integer weights share it
+        self._memo: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def _check_scores(self, scores: np.ndarray) -> np.ndarray:
         s = np.asarray(scores, dtype=np.float64)
@@ -207,6 +210,9 @@ class AdditivePlanner(Planner):
         if idx.size == 0 or total <= 0:
             return np.zeros((0, self.layout.n_blocks), dtype=bool), np.zeros(0)
         weights = np.rint(costs * (self.resolution / total)).astype(np.int64)  # [n]
+        key = weights.tobytes() + self.scores.tobytes()
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1], self._memo[2]  # same integer weights: same frontier
         capacity = int(weights.sum())
         # keep the blocks whose loss matters most within the kept-cost budget
         frontier = knapsack_frontier(self.scores[idx], weights, capacity, method=self.method)
@@ -226,7 +232,8 @@ class AdditivePlanner(Planner):
         est_cos = 1.0 - loss
         alphas = np.asarray(self.proxy.alpha_from_cosine(est_cos), dtype=np.float64)
         keep_any = ~np.all(~masks_arr, axis=1)  # drop the all-kept mask (that is AR)
-        return masks_arr[keep_any], alphas.reshape(-1)[keep_any]
+        self._memo = (key, masks_arr[keep_any], alphas.reshape(-1)[keep_any])
+        return self._memo[1], self._memo[2]
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         masks, alphas = self.candidates(ctx.context)
