@@ -150,13 +150,17 @@ def select_plan(
     tokens = expected_tokens(np.clip(alphas, 0.0, 1.0)[:, None], d[None, :])  # [K, D]
     rounds = d[None, :] * draft[:, None] + verify[None, :]  # [K, D]
     tpt = tokens / rounds  # [K, D]
+    ar_tpt = 1.0 / ar_step
     switch = np.zeros(len(masks))
     if switch_seconds is not None:
-        switch = np.array([float(switch_seconds(m)) for m in masks])
+        # a switch only lowers a candidate's rate: price just the ones that could still win
+        # (asking a backend is not free: llama.cpp looks its draft files up)
+        live = (np.ones(len(masks), dtype=bool) if force
+                else tpt.max(axis=1, initial=0.0) > ar_tpt * (1.0 + min_gain))
+        switch[live] = [float(switch_seconds(m)) for m in masks[live]]
         if remaining_tokens is not None and remaining_tokens > 0:
             # effective rate over the rest of the generation, switch cost included
             tpt = remaining_tokens / (remaining_tokens / tpt + switch[:, None])
-    ar_tpt = 1.0 / ar_step
     best = np.unravel_index(np.argmax(tpt), tpt.shape) if tpt.size else None
     if best is None or not (force or tpt[best] > ar_tpt * (1.0 + min_gain)):
         cost = CostBreakdown(
