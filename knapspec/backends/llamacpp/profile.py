@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...costmodels.table import TableCostModel
-from ...profiling import DEFAULT_TOKEN_COUNTS, profile_backend
+from ...profiling import profile_backend
 
 
 def measure_kv_copy(
@@ -53,24 +53,15 @@ def measure_kv_copy(
     return out
 
 
-def profile_llamacpp(
-    backend: Any,
-    contexts: Sequence[int] | None = None,
-    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
-    repeats: int = 5,
-    progress: bool = True,
-    clock: Callable[[], float] = time.perf_counter,
-    seed: int = 0,
-) -> TableCostModel:
-    """``profile_backend`` plus the per-round draft KV copy (seconds, see module doc)."""
-    model = profile_backend(backend, contexts, token_counts, repeats, progress, clock, seed)
+def profile_llamacpp(backend: Any, **kwargs: Any) -> TableCostModel:
+    """``profile_backend(backend, **kwargs)`` plus the per-round draft KV copy (seconds, see
+    the module doc), measured with the same ``repeats`` and ``clock``."""
+    model = profile_backend(backend, **kwargs)
     ctx = int(min(1024, model.contexts[-1]))
-    copy = measure_kv_copy(backend, ctx, [int(n) for n in model.n_tokens], repeats, clock)
+    copy = measure_kv_copy(backend, ctx, [int(n) for n in model.n_tokens],
+                           int(kwargs.get("repeats", 5)), kwargs.get("clock", time.perf_counter))
     ns = np.asarray(model.n_tokens)
     overhead = np.asarray(model.overhead_table) + np.where(ns >= 2, copy, 0.0)
-    meta = dict(model.meta)
-    meta["draft_kv_copy_s"] = copy
-    meta["draft_kv_copy_context"] = ctx
-    out = TableCostModel(model.contexts, model.n_tokens, model.attention_table,
-                         model.mlp_table, model.head_table, overhead, meta=meta)
-    return out
+    meta = {**model.meta, "draft_kv_copy_s": copy, "draft_kv_copy_context": ctx}
+    return TableCostModel(model.contexts, model.n_tokens, model.attention_table,
+                          model.mlp_table, model.head_table, overhead, meta=meta)
