@@ -35,7 +35,7 @@ from knapspec.costmodels import load_cost_model
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
 from knapspec.models import load_torch_model
 from knapspec.planner.factory import make_planner
-from knapspec.profiling import cached_profile
+from knapspec.backends.profiling import cached_profile
 
 
 def load() -> str:

@@ -43,7 +43,7 @@ def backend_cost_model(
     """The cost model from ``cost_model`` (a JSON file) or the backend's cached profile."""
     if cost_model:
         return load_cost_model(cost_model)
-    from .profiling import cached_profile
+    from .backends.profiling import cached_profile
 
     return cached_profile(backend, progress=progress)
 

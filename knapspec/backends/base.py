@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..blocks import BlockLayout
+from .profiling import profile_backend
 
 if TYPE_CHECKING:
     from ..costmodels.base import CostModel
@@ -125,11 +126,9 @@ class Backend(ABC):
     def profile(self, **kwargs: Any) -> CostModel:
         """Measure this backend's latencies into a cost model.
 
-        The default times real ``forward`` calls (``knapspec.profiling.profile_backend``,
+        The default times real ``forward`` calls (``knapspec.backends.profiling.profile_backend``,
         which documents ``kwargs``); backends with costs of their own add them here.
         """
-        from ..profiling import profile_backend
-
         return profile_backend(self, **kwargs)
 
     def describe(self) -> dict[str, Any]:

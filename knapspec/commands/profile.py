@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import check_writable
-    from ..profiling import cached_profile
+    from ..backends.profiling import cached_profile
     from ..runtime import build_backend
     from .common import load_config
     from .plan import parse_contexts

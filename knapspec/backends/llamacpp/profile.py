@@ -1,6 +1,6 @@
 """Profiling on llama.cpp: the generic timing of real forward calls, plus the KV copy.
 
-``knapspec.profiling.profile_backend`` times the full model and three drafts (no
+``knapspec.backends.profiling.profile_backend`` times the full model and three drafts (no
 attention, no MLP, nothing) at several context lengths and token counts; on llama.cpp
 each draft is a real draft GGUF in its own context, so those are the latencies the loop
 will see.  One cost is specific to this backend: after every verification the draft
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...costmodels.table import TableCostModel
-from ...profiling import profile_backend
+from ..profiling import profile_backend
 
 
 def measure_kv_copy(

@@ -27,14 +27,16 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends.base import Backend
-from .costmodels.io import load_cost_model, save_cost_model
-from .costmodels.table import TableCostModel
-from .errors import KnapSpecError
+from ..costmodels.io import load_cost_model, save_cost_model
+from ..costmodels.table import TableCostModel
+from ..errors import KnapSpecError
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def cached_profile(
     reused only for the same model, backend and threads.
     """
     if path is None:
-        from .models import cache_dir
+        from ..models import cache_dir
 
         d = backend.describe()
         fields = ("backend", "model_key", "dtype", "threads")
