@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes and early checks that an output path is writable."""
+"""Small file helpers: the cache root, atomic writes, early checks that a path is writable."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import KnapSpecError
+
+
+def cache_dir() -> Path:
+    """Return knapspec's cache root (not created here).
+
+    ``$KNAPSPEC_CACHE_DIR`` if set and non-empty, else ``$XDG_CACHE_HOME/knapspec``, else
+    ``~/.cache/knapspec``.
+    """
+    explicit = os.environ.get("KNAPSPEC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "knapspec"
+    return Path.home() / ".cache" / "knapspec"
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from knapspec._io import cache_dir  # re-exported: the cache root lives with the I/O helpers
 from knapspec.errors import KnapSpecError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -86,21 +87,6 @@ _INSTALL_TORCH_HINT = "pip install 'knapspec[torch]'"
 
 
 # ----------------------------------------------------------------------------- paths
-
-
-def cache_dir() -> Path:
-    """Return knapspec's cache root (not created here).
-
-    ``$KNAPSPEC_CACHE_DIR`` if set and non-empty, else ``$XDG_CACHE_HOME/knapspec``, else
-    ``~/.cache/knapspec``.
-    """
-    explicit = os.environ.get("KNAPSPEC_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "knapspec"
-    return Path.home() / ".cache" / "knapspec"
 
 
 def default_gguf_path() -> Path:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._io import cache_dir
 from ..costmodels.io import load_cost_model, save_cost_model
 from ..costmodels.table import TableCostModel
 from ..errors import KnapSpecError
@@ -171,8 +172,6 @@ def cached_profile(
     reused only for the same model, backend and threads.
     """
     if path is None:
-        from ..models import cache_dir
-
         d = backend.describe()
         fields = ("backend", "model_key", "dtype", "threads")
         key = "-".join(str(d.get(k, "")).replace("/", "_") for k in fields)

@@ -88,7 +88,8 @@ class LlamaCppBackend(Backend):
         draft_pool: int = 4,
         draft_cache_mb: int = 2048,
     ) -> None:
-        from ...models import cache_dir, gguf_architecture, resolve_model
+        from ..._io import cache_dir
+        from ...models import gguf_architecture, resolve_model
 
         source = resolve_model(model)
         if source.kind != "gguf":
