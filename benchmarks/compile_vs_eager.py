@@ -1,7 +1,7 @@
 """Does torch.compile pay on this machine?  Eager vs ``torch-compile`` backend, same run.
 
 For each context bucket (Spec-Bench question for ~100 tokens, book slices for longer ones,
-from ``knapspec.bench.make_prompts``), decode ``--new-tokens`` tokens with plain
+from ``knapspec.benchmarking.make_prompts``), decode ``--new-tokens`` tokens with plain
 autoregressive decoding (``ar``) and with KnapSpec (``knapspec`` strategy), on the eager and
 on the compiled backend, runs interleaved (eager, compiled, eager, compiled, ...), and print
 the median decode tokens/s of each and the compiled/eager ratio.  Both backends plan with
@@ -30,7 +30,7 @@ import torch
 
 from knapspec.backends.torch_compile import TorchCompileBackend, compile_counters
 from knapspec.backends.torch_eager import TorchEagerBackend, attention_block, mlp_block
-from knapspec.bench import make_prompts
+from knapspec.benchmarking import make_prompts
 from knapspec.costmodels import load_cost_model
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
 from knapspec.models import load_torch_model

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from knapspec.backends import create_backend
-from knapspec.bench import make_prompts
+from knapspec.benchmarking import make_prompts
 from knapspec.costmodels import LinearCostModel
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
 from knapspec.planner import StaticPlanner

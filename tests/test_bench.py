@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fake_backend import FakeBackend, fake_cost_model
 
-from knapspec.bench import (
+from knapspec.benchmarking import (
     Prompt,
     benchmark,
     forward_alphas,
@@ -91,7 +91,7 @@ def test_bench_cli_compares_backends_in_one_run(monkeypatch, tmp_path, capsys):
     warm-up seconds apart from decode time (fake backends: no model needed)."""
     import json
 
-    import knapspec.bench as bench_mod
+    import knapspec.benchmarking as bench_mod
     import knapspec.runtime as runtime
     from knapspec.cli import main
 

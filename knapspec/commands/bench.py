@@ -76,7 +76,7 @@ def _progress(msg: str) -> None:
 
 
 def _sweep_prompt(args: argparse.Namespace, backend: Any, ctx: int) -> Any:
-    from ..bench import Prompt, make_prompts
+    from ..benchmarking import Prompt, make_prompts
 
     if not args.prompt_file:
         return make_prompts(backend, [ctx], 1, Path(args.data) if args.data else None)[0]
@@ -171,7 +171,7 @@ def _run_backend(
     args: argparse.Namespace, config: Any, strategies: list[str], contexts: list[int]
 ) -> dict[str, Any]:
     """Build one backend, benchmark (or sweep) it, release it; rows carry its name."""
-    from ..bench import benchmark, make_prompts, peers_for, sweep
+    from ..benchmarking import benchmark, make_prompts, peers_for, sweep
     from ..planner.factory import make_planner
     from ..runtime import build_backend, config_cost_model, config_planner
 
@@ -215,7 +215,7 @@ def _run_backend(
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text, check_writable
-    from ..bench import markdown_table, pearson, summarize
+    from ..benchmarking import markdown_table, pearson, summarize
     from .common import load_config
 
     for path in (args.out, args.markdown, args.plot):

@@ -1,4 +1,6 @@
-"""Benchmarks of strategies and Hugging Face peers on real prompts, and the forced-plan sweep.
+"""The benchmark harness behind ``knapspec bench`` (whose command line lives in
+``knapspec/commands/bench.py``): strategies and Hugging Face peers on real prompts, and the
+forced-plan sweep.
 
 Everything that is compared is measured in the same process, on the same backend and
 prompts, with warm-up first; figures are medians over repeats.  Speedups are ratios to the
