@@ -28,12 +28,12 @@ import time
 
 import torch
 
-from knapspec.backends.torch_compile import TorchCompileBackend, compile_counters
-from knapspec.backends.torch_eager import TorchEagerBackend, attention_block, mlp_block
+from knapspec.backends.torch.compile import TorchCompileBackend, compile_counters
+from knapspec.backends.torch.eager import TorchEagerBackend, attention_block, mlp_block
 from knapspec.benchmarking import make_prompts
 from knapspec.costmodels import load_cost_model
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
-from knapspec.models import load_torch_model
+from knapspec.backends.torch.loading import load_torch_model
 from knapspec.planner.factory import make_planner
 from knapspec.backends.profiling import cached_profile
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knapspec.models import load_torch_model
+from knapspec.backends.torch.loading import load_torch_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

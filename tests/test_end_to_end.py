@@ -32,7 +32,7 @@ DRAFT_FRIENDLY = LinearCostModel(mlp_s=1e-3, attn_per_token_s=1e-7, attn_base_s=
 
 @pytest.fixture(scope="module")
 def backend(smollm2):
-    from knapspec.backends.torch_eager import TorchEagerBackend
+    from knapspec.backends.torch.eager import TorchEagerBackend
 
     return TorchEagerBackend(smollm2)
 

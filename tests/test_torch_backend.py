@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from knapspec.backends.torch_eager import TorchEagerBackend  # noqa: E402
+from knapspec.backends.torch.eager import TorchEagerBackend  # noqa: E402
 from knapspec.errors import KnapSpecError  # noqa: E402
 
 VOCAB = 128
@@ -144,7 +144,7 @@ def test_chunked_forward_and_last_logits(backend, qwen3):
 
 
 def test_long_forward_is_chunked(qwen3, monkeypatch):
-    import knapspec.backends.torch_eager as te
+    import knapspec.backends.torch.eager as te
 
     monkeypatch.setattr(te, "PREFILL_CHUNK", 5)
     be = TorchEagerBackend.from_hf(qwen3, capture_tokens=8)

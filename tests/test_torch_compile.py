@@ -19,11 +19,11 @@ pytest.importorskip("transformers")
 from test_torch_backend import N_LAYERS, make_ids, tiny_model  # noqa: E402
 
 from knapspec.backends import backend_class, create_backend  # noqa: E402
-from knapspec.backends.torch_compile import (  # noqa: E402
+from knapspec.backends.torch.compile import (  # noqa: E402
     TorchCompileBackend,
     compile_counters,
 )
-from knapspec.backends.torch_eager import TorchEagerBackend  # noqa: E402
+from knapspec.backends.torch.eager import TorchEagerBackend  # noqa: E402
 from knapspec.costmodels import LinearCostModel  # noqa: E402
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
 from knapspec.errors import KnapSpecError  # noqa: E402

@@ -57,12 +57,12 @@ _TORCH_OPTIONS = (
 #: name -> where the backend lives, its pip extra and its options
 BACKENDS: dict[str, BackendEntry] = {
     "torch": BackendEntry(
-        "knapspec.backends.torch_eager:TorchEagerBackend", "torch",
+        "knapspec.backends.torch.eager:TorchEagerBackend", "torch",
         "PyTorch eager: Hugging Face Llama-like models, any device torch supports",
         _TORCH_OPTIONS,
     ),
     "torch-compile": BackendEntry(
-        "knapspec.backends.torch_compile:TorchCompileBackend", "torch",
+        "knapspec.backends.torch.compile:TorchCompileBackend", "torch",
         "PyTorch with the per-block functions compiled by torch.compile",
         (
             *_TORCH_OPTIONS,

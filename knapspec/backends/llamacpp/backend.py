@@ -89,7 +89,7 @@ class LlamaCppBackend(Backend):
         draft_cache_mb: int = 2048,
     ) -> None:
         from ..._io import cache_dir
-        from ...models import gguf_architecture, resolve_model
+        from ..sources import gguf_architecture, resolve_model
 
         source = resolve_model(model)
         if source.kind != "gguf":

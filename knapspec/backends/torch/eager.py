@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ..blocks import BlockLayout
-from ..errors import KnapSpecError, MissingDependencyError
-from .base import Backend
+from ...blocks import BlockLayout
+from ...errors import KnapSpecError, MissingDependencyError
+from ..base import Backend
 
 try:
     import torch
@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from .loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class TorchEagerBackend(Backend):
     """Self-speculative decoding backend on eager PyTorch (CPU), one sequence, one KV cache.
 
     Args:
-        model: ``None`` (the default SmolLM2), a path/spec for ``knapspec.models``, or a
+        model: ``None`` (the default SmolLM2), a path/spec for ``knapspec.backends.torch.loading``, or a
             ``LoadedModel``.  For a bare HF model object use :meth:`from_hf`.
         dtype: parameter dtype (or its name) when loading (default float32); for a given
             model it must match the model's dtype (``None``: take the model's).
@@ -385,7 +385,7 @@ class TorchEagerBackend(Backend):
         max_context: int | None = None,
         capture_tokens: int = 8,
     ) -> None:
-        from ..models import LoadedModel, load_torch_model
+        from .loading import LoadedModel, load_torch_model
 
         dtype = parse_dtype(dtype)
         _set_threads(threads)
@@ -618,7 +618,7 @@ class TorchEagerBackend(Backend):
     def encode(self, text: str, chat: bool = True) -> list[int]:
         tok = self._require_tokenizer()
         if chat:
-            from ..models import apply_chat_template
+            from .loading import apply_chat_template
 
             return apply_chat_template(tok, text)
         return [int(i) for i in tok.encode(text, add_special_tokens=False)]

@@ -42,8 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KnapSpecError
-from .torch_eager import (
+from ...errors import KnapSpecError
+from .eager import (
     TorchEagerBackend,
     attention_block,
     lm_head,
@@ -53,7 +53,7 @@ from .torch_eager import (
 )
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from .loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
