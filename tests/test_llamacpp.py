@@ -10,10 +10,10 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_text import book_text, specbench_prompts
 
 from knapspec.backends.llamacpp.gguf_draft import DraftLayer, draft_layers, kv_layer_map
 from knapspec.costmodels import LinearCostModel
@@ -22,7 +22,6 @@ from knapspec.errors import KnapSpecError, MissingDependencyError
 from knapspec.planner import StaticPlanner
 from knapspec.planner.factory import make_planner
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(
     not HAVE_LLAMA, reason="needs llama-cpp-python: pip install 'knapspec[llamacpp]'"
@@ -111,18 +110,12 @@ def backend():
 
 
 def _prompts(n: int) -> list[str]:
-    path = DATA / "specbench_dev.jsonl"
-    if not path.exists():
-        pytest.skip(f"evaluation data not found at {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["turns"][0] for r in rows if r["category"] in ("mt_bench", "qa")][:n]
+    return specbench_prompts(n)
 
 
 def _book(backend, tokens: int) -> list[int]:
-    path = DATA / "pg84.txt"
-    if not path.exists():
-        pytest.skip(f"evaluation data not found at {path}")
-    body = backend.encode(path.read_text()[40_000:40_000 + 8 * tokens], chat=False)[:tokens]
+    body = backend.encode(book_text(8 * tokens), chat=False)[:tokens]
+    assert len(body) == tokens, f"the shipped book excerpt gives {len(body)} < {tokens} tokens"
     return backend.encode("Continue this story.\n\n" + backend.decode(body))
 
 
