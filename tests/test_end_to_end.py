@@ -1,8 +1,9 @@
 """Real model, real text: speculative greedy output equals autoregressive greedy output.
 
 Uses SmolLM2-135M-Instruct (the ``smollm2`` session fixture) on Spec-Bench prompts and a book
-slice from ``../shared/data``.  Cost models here are synthetic ones under which drafting
-pays, so every strategy actually drafts; timing is not what these tests check.
+slice shipped in ``tests/data`` (read through ``eval_text``), so every clone runs them.  Cost
+models here are synthetic ones under which drafting pays, so every strategy actually drafts;
+timing is not what these tests check.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_text import book_text, specbench_prompts
 
 torch = pytest.importorskip("torch")
 
@@ -22,7 +23,6 @@ from knapspec.decoding import GenerationConfig, SpeculativeDecoder  # noqa: E402
 from knapspec.planner import StaticPlanner  # noqa: E402
 from knapspec.planner.factory import make_planner  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.slow
 
 # drafting pays under this model (cheap verification): every strategy will draft
@@ -38,19 +38,12 @@ def backend(smollm2):
 
 
 def _specbench(n: int) -> list[str]:
-    path = DATA / "specbench_dev.jsonl"
-    if not path.exists():
-        pytest.skip(f"evaluation data not found at {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    picked = [r["turns"][0] for r in rows if r["category"] in ("mt_bench", "qa")]
-    return picked[:n]
+    return specbench_prompts(n)
 
 
 def _book_prompt(backend, tokens: int) -> list[int]:
-    path = DATA / "pg84.txt"
-    if not path.exists():
-        pytest.skip(f"evaluation data not found at {path}")
-    body = backend.encode(path.read_text()[40_000:40_000 + 8 * tokens], chat=False)[:tokens]
+    body = backend.encode(book_text(8 * tokens), chat=False)[:tokens]
+    assert len(body) == tokens, f"the shipped book excerpt gives {len(body)} < {tokens} tokens"
     return backend.encode("Continue this story.\n\n" + backend.decode(body))
 
 
