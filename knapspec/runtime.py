@@ -9,6 +9,7 @@ strategy.  ``build_session`` takes plain keyword options (no config file semanti
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,20 @@ class Session:
 
 
 def backend_cost_model(
-    backend: Backend, cost_model: str | Path | None = None, progress: bool = True
+    backend: Backend, cost_model: str | Path | None = None, progress: bool = True,
+    notice: Callable[[str], None] | None = None,
 ) -> CostModel:
-    """The cost model from ``cost_model`` (a JSON file) or the backend's cached profile."""
+    """The cost model from ``cost_model`` (a JSON file) or the backend's cached profile.
+
+    ``notice`` receives the one line said before a first profile (what, how long, where
+    cached); the CLI writes it to stderr.  An untrusted fresh profile raises
+    ``UntrustedProfileError`` (see ``cached_profile``).
+    """
     if cost_model:
         return load_cost_model(cost_model)
     from .backends.profiling import cached_profile
 
-    return cached_profile(backend, progress=progress)
+    return cached_profile(backend, progress=progress, notice=notice)
 
 
 def build_session(
@@ -57,10 +64,11 @@ def build_session(
     backend_options: dict[str, Any] | None = None,
     planner_options: dict[str, Any] | None = None,
     progress: bool = True,
+    notice: Callable[[str], None] | None = None,
 ) -> Session:
     """Build everything a generation needs; profiles the backend on first use (cached)."""
     be = create_backend(backend, model=model, **(backend_options or {}))
-    cm = backend_cost_model(be, cost_model, progress=progress)
+    cm = backend_cost_model(be, cost_model, progress=progress, notice=notice)
     planner = make_planner(strategy, be.layout, cm, max_draft_length, **(planner_options or {}))
     return Session(be, cm, planner, SpeculativeDecoder(be, planner))
 
@@ -72,7 +80,8 @@ def build_backend(config: KnapSpecConfig) -> Backend:
 
 
 def config_cost_model(
-    config: KnapSpecConfig, backend: Backend, progress: bool = True
+    config: KnapSpecConfig, backend: Backend, progress: bool = True,
+    notice: Callable[[str], None] | None = None,
 ) -> CostModel:
     """The cost model ``config.costmodel`` names, for ``backend``'s model.
 
@@ -82,7 +91,7 @@ def config_cost_model(
     """
     cm = config.costmodel
     if cm.source == "profile":
-        return backend_cost_model(backend, None, progress=progress)
+        return backend_cost_model(backend, None, progress=progress, notice=notice)
     if cm.source == "roofline":
         from .costmodels import RooflineCostModel, get_hardware_spec, get_model_spec
 
@@ -121,12 +130,14 @@ def config_planner(
                         config.planner.max_draft_length, **options)
 
 
-def build_session_from_config(config: KnapSpecConfig, progress: bool = True) -> Session:
+def build_session_from_config(
+    config: KnapSpecConfig, progress: bool = True, notice: Callable[[str], None] | None = None
+) -> Session:
     """Everything a generation needs, from a validated configuration.
 
     Profiles the backend on first use when ``costmodel.source = "profile"`` (cached).
     """
     be = build_backend(config)
-    cm = config_cost_model(config, be, progress=progress)
+    cm = config_cost_model(config, be, progress=progress, notice=notice)
     planner = config_planner(config, be.layout, cm)
     return Session(be, cm, planner, SpeculativeDecoder(be, planner), config)

@@ -15,6 +15,14 @@ and per block ``attention(c, n) = (t_full - t_no_attn) / L``,
 timer when it has one, ``overhead(n) = t_none - head(n)``.  The fit is checked: the cost
 model's full step is compared with the measured ``t_full`` and the worst relative error is
 stored in ``meta["full_step_max_rel_error"]``.
+
+The timings are checked before they are believed (``profile_trust``: other work on the
+CPU, scattered repeats, points their neighbours contradict); suspect points are measured
+again, and the verdict with its evidence is stored in ``meta["trust"]``.
+``cached_profile`` refuses to cache a profile that stays untrusted.
+
+This module imports ``Backend`` only for typing; backends call it (``Backend.profile``),
+never the other way round.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ import itertools
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +42,17 @@ from .._io import cache_dir
 from ..costmodels.io import load_cost_model, save_cost_model
 from ..costmodels.table import TableCostModel
 from ..errors import KnapSpecError
+from .profile_trust import (
+    CpuSample,
+    TrustPolicy,
+    UntrustedProfileError,
+    assess,
+    load_before,
+    log_load_before,
+    other_cpus,
+    sample_cpu,
+    usable_cpus,
+)
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -42,6 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8)
+DEFAULT_REPEATS = 5
+#: Shortest window (seconds) over which the load of other work is judged.
+LOAD_WINDOW_S = 1.0
 
 
 def default_contexts(max_context: int, largest_n: int) -> list[int]:
@@ -53,32 +74,29 @@ def default_contexts(max_context: int, largest_n: int) -> list[int]:
     return pts
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, clock: Callable[[], float]) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times)
+def profile_masks(n_layers: int) -> dict[str, np.ndarray | None]:
+    """The four masks the profiler times, by name (``[2L]`` bool, ``None``: full model)."""
+    n_blocks = 2 * n_layers
+    return {
+        "full": None,
+        "no_attn": np.arange(n_blocks) % 2 == 0,
+        "no_mlp": np.arange(n_blocks) % 2 == 1,
+        "none": np.ones(n_blocks, dtype=bool),
+    }
 
 
-def profile_backend(
-    backend: Backend,
-    contexts: Sequence[int] | None = None,
-    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
-    repeats: int = 5,
-    progress: bool = True,
-    clock: Callable[[], float] = time.perf_counter,
-    seed: int = 0,
-) -> TableCostModel:
-    """Time ``backend`` and return its measured cost model (seconds per block/head/step).
+def backend_threads(backend: Backend) -> int:
+    """Threads the backend computes with (``describe()["threads"]``, else 1)."""
+    try:
+        return max(int(backend.describe().get("threads") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
 
-    Args:
-        contexts: context lengths in tokens (default ``default_contexts``).
-        token_counts: tokens per forward call to measure (must start at 1).
-        repeats: calls per measurement; the median is kept.
-        progress: show a progress bar (tqdm) on stderr.
-    """
+
+def _check_grid(backend: Backend, contexts: Sequence[int] | None,
+                token_counts: Sequence[int], repeats: int) -> tuple[list[int], list[int]]:
+    """Validated, sorted ``(contexts, token_counts)``; raises ``KnapSpecError`` naming the
+    bad argument."""
     ns = [int(n) for n in token_counts]
     if not ns or ns[0] != 1 or any(b <= a for a, b in itertools.pairwise(ns)):
         raise KnapSpecError(f"token_counts must be increasing and start at 1, got {ns}")
@@ -89,101 +107,335 @@ def profile_backend(
         raise KnapSpecError(
             f"profile contexts must lie in [1, {backend.max_context - ns[-1] - 1}], got {ctxs}"
         )
+    return ctxs, ns
+
+
+class TimingGrid:
+    """Raw timings of ``masks`` at every (context, token count), measured on one backend.
+
+    ``samples[name]`` holds seconds ``[C, N, R]`` (``R = repeats``); ``row_load[i]`` the
+    CPUs of other work while row ``i`` (context ``contexts[i]``) was last measured.
+    ``measure`` can be called again for some points (re-measuring suspects): rows are
+    visited in increasing context, growing the KV cache with random tokens (seeded).
+    """
+
+    def __init__(
+        self, backend: Backend, contexts: Sequence[int], token_counts: Sequence[int],
+        masks: dict[str, np.ndarray | None], repeats: int,
+        clock: Callable[[], float] = time.perf_counter, seed: int = 0,
+        cpu_sample: Callable[[], CpuSample] = sample_cpu,
+    ) -> None:
+        self.backend, self.contexts, self.ns = backend, list(contexts), list(token_counts)
+        self.masks, self.repeats, self.clock, self.cpu_sample = masks, repeats, clock, cpu_sample
+        self.rng = np.random.default_rng(seed)
+        self.threads = backend_threads(backend)
+        shape = (len(self.contexts), len(self.ns), repeats)
+        self.samples = {k: np.zeros(shape) for k in masks}
+        self.row_load: list[float | None] = [None] * len(self.contexts)
+        vocab = backend.vocab_size
+        self.tokens = [[self.rng.integers(0, vocab, n).tolist() for n in self.ns]
+                       for _ in self.contexts]
+
+    def medians(self) -> dict[str, np.ndarray]:
+        """Mask name -> median seconds ``[C, N]``."""
+        return {k: np.median(v, axis=2) for k, v in self.samples.items()}
+
+    def all_points(self) -> dict[int, list[tuple[int, str]]]:
+        """Every point, as row -> ``[(token-count index, mask name)]``."""
+        return {i: [(j, k) for j in range(len(self.ns)) for k in self.masks]
+                for i in range(len(self.contexts))}
+
+    def _grow(self, c: int) -> None:
+        be = self.backend
+        if be.length > c:
+            be.rollback(c)
+        while be.length < c:  # in chunks, to bound memory
+            chunk = min(512, c - be.length)
+            be.forward(self.rng.integers(0, be.vocab_size, chunk).tolist(), None,
+                       all_logits=False)
+
+    def _time(self, tokens: list[int], mask: np.ndarray | None, c: int) -> np.ndarray:
+        """Seconds ``[R]`` of ``repeats`` calls after one untimed warm-up call."""
+        be, clock = self.backend, self.clock
+        out = np.zeros(self.repeats)
+        for r in range(-1, self.repeats):
+            t0 = clock()
+            be.forward(tokens, mask, all_logits=True)
+            be.rollback(c)
+            if r >= 0:
+                out[r] = clock() - t0
+        return out
+
+    def measure(self, points: dict[int, list[tuple[int, str]]], replace_rows: set[int],
+                on_point: Callable[[], None] | None = None) -> int:
+        """Time ``points`` (row -> ``[(j, mask)]``); returns how many were timed.
+
+        A row in ``replace_rows`` takes the new timings outright (its old ones were taken
+        under load); elsewhere a point keeps whichever of its old and new repeats is more
+        consistent, then faster (other work only ever slows a call down).
+        """
+        self.backend.reset()
+        done = 0
+        marks = [self.cpu_sample()]
+        for i in sorted(points):
+            c = self.contexts[i]
+            self._grow(c)
+            for j, name in points[i]:
+                new = self._time(self.tokens[i][j], self.masks[name], c)
+                if i in replace_rows or _better(new, self.samples[name][i, j]):
+                    self.samples[name][i, j] = new
+                done += 1
+                if on_point is not None:
+                    on_point()
+            marks.append(self.cpu_sample())
+            # /proc/stat counts in ticks (10 ms per CPU): judge the load over at least
+            # LOAD_WINDOW_S, reaching back over earlier rows when this one was quick
+            start = next((m for m in reversed(marks[:-1])
+                          if marks[-1].wall - m.wall >= LOAD_WINDOW_S), marks[0])
+            self.row_load[i] = other_cpus(start, marks[-1], self.threads)
+            log.info("profiled context %d: %d point(s), other work %s CPUs", c,
+                     len(points[i]), self.row_load[i])
+        self.backend.reset()
+        return done
+
+
+def _better(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether repeats ``new`` beat ``old`` (``[R]`` seconds each; zeros: never measured)."""
+    if not old.any():
+        return True
+
+    def spread(x: np.ndarray) -> float:
+        med = float(np.median(x))
+        return float(np.median(np.abs(x - med))) / max(med, 1e-12)
+
+    if abs(spread(new) - spread(old)) > 0.1:
+        return spread(new) < spread(old)
+    return float(np.median(new)) < float(np.median(old))
+
+
+def profile_backend(
+    backend: Backend,
+    contexts: Sequence[int] | None = None,
+    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+    repeats: int = DEFAULT_REPEATS,
+    progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    seed: int = 0,
+    policy: TrustPolicy | None = None,
+    cpu_sample: Callable[[], CpuSample] = sample_cpu,
+    settle_seconds: float = 0.5,
+) -> TableCostModel:
+    """Time ``backend`` and return its measured cost model (seconds per block/head/step).
+
+    Args:
+        contexts: context lengths in tokens (default ``default_contexts``).
+        token_counts: tokens per forward call to measure (must start at 1).
+        repeats: calls per measurement; the median is kept.
+        progress: show a progress bar (tqdm) on stderr.
+        clock: seconds, for the timings (tests pass a fake one).
+        policy: trust thresholds (default ``TrustPolicy()``).
+        cpu_sample: reads the machine's CPU use (tests pass a fake one).
+        settle_seconds: seconds spent measuring other work before starting.
+
+    Returns:
+        the model; ``meta["trust"]`` says whether its timings passed the trust checks
+        (after up to ``policy.max_retries`` rounds of re-measuring suspect points), why not,
+        and the evidence (load before and during, spreads, jumps).
+    """
+    ctxs, ns = _check_grid(backend, contexts, token_counts, repeats)
+    policy = policy or TrustPolicy()
     n_layers = backend.layout.n_layers
-    n_blocks = 2 * n_layers
-    masks = {
-        "full": None,
-        "no_attn": np.arange(n_blocks) % 2 == 0,
-        "no_mlp": np.arange(n_blocks) % 2 == 1,
-        "none": np.ones(n_blocks, dtype=bool),
-    }
-    rng = np.random.default_rng(seed)
-    vocab = backend.vocab_size
-    t = {k: np.zeros((len(ctxs), len(ns))) for k in masks}  # seconds [C, N]
+    grid = TimingGrid(backend, ctxs, ns, profile_masks(n_layers), repeats, clock, seed,
+                      cpu_sample)
+    cpus = usable_cpus()
+    before, loadavg_before = load_before(settle_seconds, cpu_sample)
+    log_load_before(before, grid.threads, cpus, policy)
 
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ctxs) * len(ns) * len(masks), desc="profiling", unit="pt")
-        except ImportError:
-            bar = None
-    backend.reset()
+    bar = _progress_bar(len(ctxs) * len(ns) * len(grid.masks)) if progress else None
     t0 = clock()
-    for i, c in enumerate(ctxs):
-        # grow the KV cache to c tokens, in chunks to bound memory
-        while backend.length < c:
-            chunk = min(512, c - backend.length)
-            backend.forward(rng.integers(0, vocab, chunk).tolist(), None, all_logits=False)
-        for j, n in enumerate(ns):
-            toks = rng.integers(0, vocab, n).tolist()
-            for name, mask in masks.items():
-
-                def call(
-                    toks: list[int] = toks, mask: np.ndarray | None = mask, c: int = c
-                ) -> None:
-                    backend.forward(toks, mask, all_logits=True)
-                    backend.rollback(c)
-
-                call()  # warm-up (allocations, caches)
-                t[name][i, j] = _median_seconds(call, repeats, clock)
-                if bar is not None:
-                    bar.update(1)
-        log.info("profiled context %d: full step %.2f ms", c, 1e3 * t["full"][i, 0])
+    grid.measure(grid.all_points(), set(), None if bar is None else lambda: bar.update(1))
     if bar is not None:
         bar.close()
-    backend.reset()
+    report = assess(grid.samples, ctxs, ns, grid.row_load, grid.threads, cpus, policy)
+    retries = remeasured = 0
+    while not report.trusted and retries < policy.max_retries:
+        todo: dict[int, list[tuple[int, str]]] = {i: [] for i in report.loaded_rows}
+        for i in report.loaded_rows:
+            todo[i] = grid.all_points()[i]
+        for i, j, name in sorted(report.suspects):
+            if i not in report.loaded_rows:
+                todo.setdefault(i, []).append((j, name))
+        log.info("re-measuring %d suspect point(s): %s",
+                 sum(map(len, todo.values())), report.summary())
+        remeasured += grid.measure(todo, set(report.loaded_rows))
+        retries += 1
+        report = assess(grid.samples, ctxs, ns, grid.row_load, grid.threads, cpus, policy)
+    if report.trusted:
+        log.info("profile passed its trust checks (%d re-measuring round(s))", retries)
+    else:
+        log.warning("profile failed its trust checks: %s", report.summary())
 
+    model = _fit(backend, grid, repeats)
+    model.meta.update({
+        "profile_seconds": clock() - t0,
+        "trust": {
+            "trusted": report.trusted,
+            "reasons": report.reasons,
+            "retries": retries,
+            "remeasured_points": remeasured,
+            "other_cpus_before": None if before is None else round(before, 3),
+            "loadavg_before": loadavg_before,
+            **report.evidence,
+        },
+    })
+    return model
+
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr, or ``None`` when tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="profiling", unit="pt")
+
+
+def _fit(backend: Backend, grid: TimingGrid, repeats: int) -> TableCostModel:
+    """The table cost model of ``grid``'s medians (see the module doc)."""
+    t = grid.medians()
+    n_layers = backend.layout.n_layers
     attn = np.maximum(t["full"] - t["no_attn"], 0.0) / n_layers  # [C, N]
     mlp = np.maximum(np.median(t["full"] - t["no_mlp"], axis=0), 0.0) / n_layers  # [N]
     time_head = getattr(backend, "time_head", None)
     if callable(time_head):
-        head = np.array([time_head(n, repeats) for n in ns])
+        head = np.array([time_head(n, repeats) for n in grid.ns])
     else:
-        head = np.zeros(len(ns))
+        head = np.zeros(len(grid.ns))
     none = np.median(t["none"], axis=0)  # [N]
     head = np.minimum(head, none)
     overhead = np.maximum(none - head, 0.0)
     meta: dict[str, Any] = {
         **backend.describe(),
         "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "profile_seconds": clock() - t0,
         "repeats": repeats,
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "measured_full_step_s": t["full"].tolist(),
     }
-    model = TableCostModel(ctxs, ns, attn, mlp, head, overhead, meta=meta)
-    pred = np.array([[model.full_step_seconds(n_layers, c, n) for n in ns] for c in ctxs])
+    model = TableCostModel(grid.contexts, grid.ns, attn, mlp, head, overhead, meta=meta)
+    pred = np.array([[model.full_step_seconds(n_layers, c, n) for n in grid.ns]
+                     for c in grid.contexts])
     model.meta["full_step_max_rel_error"] = float(np.max(np.abs(pred / t["full"] - 1.0)))
     return model
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+def default_profile_path(backend: Backend) -> Path:
+    """The cache file of ``backend``'s profile: one per backend, model, dtype and threads."""
+    d = backend.describe()
+    fields = ("backend", "model_key", "dtype", "threads")
+    key = "-".join(str(d.get(k, "")).replace("/", "_") for k in fields)
+    return cache_dir() / "costmodels" / f"{key}.json"
+
+
+def estimate_profile_seconds(
+    backend: Backend,
+    contexts: Sequence[int] | None = None,
+    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+    repeats: int = DEFAULT_REPEATS,
+    clock: Callable[[], float] = time.perf_counter,
+    **_: Any,
+) -> float:
+    """Rough seconds (within about 2x) that ``profile_backend`` will take with these arguments.
+
+    Times one call of the largest token count on an empty cache and a 128-token prefill,
+    then assumes a call at context ``c`` costs ``(1 + c / 4096)`` times the first, that a
+    masked call costs 0.6 of a full one on average, and one prefill up to the longest
+    context.  Leaves the cache empty.
+    """
+    ctxs, ns = _check_grid(backend, contexts, token_counts, repeats)
+    toks = [0] * ns[-1]
+    backend.reset()
+    backend.forward(toks, None, all_logits=True)  # warm-up
+    t0 = clock()
+    backend.forward(toks, None, all_logits=True)
+    call = clock() - t0
+    fill = min(128, backend.max_context - ns[-1] - 1)
+    backend.reset()
+    t0 = clock()
+    backend.forward([0] * fill, None, all_logits=False)
+    per_token = (clock() - t0) / max(fill, 1)
+    backend.reset()
+    calls = len(ns) * 4 * (repeats + 1)
+    return sum(calls * 0.6 * call * (1 + c / 4096) for c in ctxs) + per_token * ctxs[-1]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return "under a minute"
+    minutes = seconds / 60
+    return f"about {minutes:.0f} minute{'s' if round(minutes) != 1 else ''}"
 
 
 def cached_profile(
     backend: Backend,
     path: str | os.PathLike | None = None,
     refresh: bool = False,
+    allow_untrusted: bool = False,
+    notice: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> TableCostModel:
     """Load the backend's cost model from ``path`` (default: the user cache), else profile and save.
 
     The default file name encodes the backend, model and thread count, so a profile is
-    reused only for the same model, backend and threads.
+    reused only for the same model, backend and threads.  Before profiling, one line says
+    what is happening, roughly how long it takes and where the result goes: logged at INFO
+    and passed to ``notice`` (the CLI writes it to stderr).
+
+    Args:
+        refresh: profile again even if the file exists.
+        allow_untrusted: cache a profile that failed its trust checks (it stays marked
+            ``meta["trust"]["trusted"] = False``) instead of refusing.
+        kwargs: passed to ``backend.profile`` (see ``profile_backend``).
+
+    Raises:
+        UntrustedProfileError: the fresh profile failed its trust checks; nothing was
+            written.
     """
-    if path is None:
-        d = backend.describe()
-        fields = ("backend", "model_key", "dtype", "threads")
-        key = "-".join(str(d.get(k, "")).replace("/", "_") for k in fields)
-        path = cache_dir() / "costmodels" / f"{key}.json"
-    p = Path(path)
+    p = Path(path) if path is not None else default_profile_path(backend)
     if p.exists() and not refresh:
         model = load_cost_model(p)
         if isinstance(model, TableCostModel):
-            log.info("using cached cost model %s", p)
+            trust = model.meta.get("trust") or {}
+            if trust.get("trusted") is False:
+                log.warning("cached cost model %s is marked untrusted (%s)", p,
+                            "; ".join(trust.get("reasons") or ["no reason recorded"]))
+            else:
+                log.info("using cached cost model %s", p)
             return model
-    model = backend.profile(**kwargs)
     p.parent.mkdir(parents=True, exist_ok=True)
+    est = estimate_profile_seconds(backend, **kwargs)
+    d = backend.describe()
+    what = ", ".join(str(x) for x in (d.get("model"), f"{backend_threads(backend)} threads") if x)
+    message = (f"measuring this machine's {backend.name} latencies ({what}) to plan drafts: "
+               f"{_duration(est)}, done once per model, backend and thread count; "
+               f"the result is cached at {p}")
+    log.info("%s", message)
+    if notice is not None:
+        notice(message)
+    model = backend.profile(**kwargs)
+    trust = model.meta.get("trust") or {}
+    if trust.get("trusted") is False:
+        why = "; ".join(trust.get("reasons") or ["failed its trust checks"])
+        if not allow_untrusted:
+            raise UntrustedProfileError(
+                f"profile not cached, its timings look disturbed by other work: {why}; "
+                "re-run on an idle machine, or `knapspec profile --force` to keep it "
+                f"(marked untrusted) at {p}"
+            )
+        log.warning("caching a profile marked untrusted at %s: %s", p, why)
     save_cost_model(model, p)
     log.info("saved cost model to %s", p)
     return model

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     settings = load_config(args)
     config = settings.generation_config()
-    session = build_session_from_config(settings)
+    # before a first profile, say once what it is, how long it takes, where it is cached
+    session = build_session_from_config(
+        settings, notice=lambda line: sys.stderr.write(f"knapspec: {line}\n"))
     prompt = session.backend.encode(text, chat=not args.raw)
     if args.json:
         result = session.decoder.generate(prompt, config)
