@@ -273,6 +273,41 @@ def test_greedy_frontier_is_running_best_of_greedy(inst):
             assert fr.values[c] >= brute_opt(tot_w, tot_v, c) / 2 - ABS
 
 
+def distinct_in_order(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """First occurrence of each mask, in the order given (what the planner used to loop)."""
+    seen, out = set(), []
+    for m in masks:
+        if m.tobytes() not in seen:
+            seen.add(m.tobytes())
+            out.append(m)
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(instances(max_n=12, max_w=10, slack=4), st.sampled_from(METHODS))
+def test_distinct_masks_equal_the_python_loop_over_capacities(inst, method):
+    values, weights, cap = inst
+    fr = knapsack_frontier(values, weights, cap, method=method)
+    expected = distinct_in_order([fr.mask(c) for c in range(cap + 1)])
+    got = fr.distinct_masks()
+    assert got.dtype == np.bool_ and got.shape == (len(expected), len(values))
+    for g, e in zip(got, expected, strict=True):
+        assert np.array_equal(g, e)
+
+
+def test_distinct_masks_drop_repeats_that_are_not_adjacent():
+    # take table where capacity 0 and 2 choose the same set and capacity 1 another
+    take = np.array([[False, True, False], [False, False, True]])
+    weights = np.array([1, 2], dtype=np.int64)
+    fr = KnapsackFrontier(values=np.zeros(3), take=take, weights=weights, capacity=2,
+                          method="greedy")
+    assert fr.distinct_masks().tolist() == [[False, False], [True, False], [False, True]]
+    take_g = np.array([[False, True, False], [False, False, False]])
+    fr = KnapsackFrontier(values=np.zeros(3), take=take_g, weights=weights, capacity=2,
+                          method="greedy")
+    assert fr.distinct_masks().tolist() == [[False, False], [True, False]]
+
+
 def test_greedy_rules():
     # ratio order with skip-and-continue: item 0 (ratio 2), item 1 skipped, item 2 fits
     assert knapsack([6.0, 5.0, 1.0], [3, 5, 1], 4, "greedy").mask.tolist() == [True, False, True]

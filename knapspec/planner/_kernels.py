@@ -18,7 +18,8 @@ deterministic and items of value ``<= 0`` are never taken.  The value of an opti
 recovered by :func:`backtrack` equals ``dp[c]`` bit for bit when summed from ``0.0`` in
 increasing item order (:func:`masked_sum`), because that is exactly the order the DP adds.
 
-Topics: exact DP (serial, capacity-parallel, instance-parallel batch), recovery, greedy.
+Topics: exact DP (serial, capacity-parallel, instance-parallel batch), recovery (one set, or
+every distinct set of a frontier), greedy.
 """
 
 from __future__ import annotations
@@ -172,6 +173,75 @@ def backtrack(take, weights, c, mask):
             c -= weights[i]
         else:
             mask[i] = False
+
+
+@njit(cache=True)
+def frontier_masks(take, weights, greedy, out):
+    """The distinct item sets of a frontier, in order of first appearance as capacity grows.
+
+    Row ``c`` of ``out`` first receives the item set at capacity ``c`` (what
+    :meth:`~knapspec.planner.solvers.KnapsackFrontier.mask` returns for ``c``); the rows are
+    then compacted in place so rows ``0..K-1`` hold each distinct set once, at the position
+    of its smallest capacity.  Sets are compared through a 64-bit FNV-1a hash of their bits
+    and, on equal hashes, bit by bit, so the result is exact.
+
+    Args:
+        take: bool ``[n, W+1]``: the DP decision table (``greedy`` False) or, for the greedy
+            frontier, column ``c`` = the chosen item set at capacity ``c``.
+        weights: int64 ``[n]``, the weights the table was built with.
+        greedy: whether ``take`` holds item sets directly (greedy) or DP decisions.
+        out: bool ``[W+1, n]`` output (scratch for every capacity's set).
+
+    Returns:
+        ``K``, the number of distinct sets (``1 <= K <= W+1``).
+
+    Cost O(n * W) time; O(W) scratch.
+    """
+    n = weights.shape[0]
+    m = take.shape[1]
+    h = np.empty(m, dtype=np.uint64)
+    prime = np.uint64(1099511628211)
+    for c in range(m):
+        row = out[c]
+        if greedy:
+            for i in range(n):
+                row[i] = take[i, c]
+        else:
+            backtrack(take, weights, c, row)
+        x = np.uint64(14695981039346656037)
+        for i in range(n):
+            x = (x ^ np.uint64(row[i])) * prime
+        h[c] = x
+    order = np.argsort(h, kind="mergesort")  # equal hashes stay in capacity order
+    dup = np.zeros(m, dtype=np.bool_)
+    start = 0
+    while start < m:
+        stop = start + 1
+        while stop < m and h[order[stop]] == h[order[start]]:
+            stop += 1
+        for a in range(start + 1, stop):  # later capacities against earlier, same hash
+            ra = order[a]
+            for b in range(start, a):
+                rb = order[b]
+                if dup[rb]:
+                    continue
+                same = True
+                for i in range(n):
+                    if out[ra, i] != out[rb, i]:
+                        same = False
+                        break
+                if same:
+                    dup[ra] = True
+                    break
+        start = stop
+    k = 0
+    for c in range(m):  # compact in place: the write row never passes the read row
+        if not dup[c]:
+            if k != c:
+                for i in range(n):
+                    out[k, i] = out[c, i]
+            k += 1
+    return k
 
 
 @njit(cache=True)

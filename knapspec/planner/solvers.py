@@ -8,11 +8,13 @@ Public API:
 
 * :func:`knapsack` -- one capacity, returns a :class:`KnapsackResult` (value + item mask).
 * :func:`knapsack_frontier` -- every capacity ``0..W`` at once, returns a
-  :class:`KnapsackFrontier` whose :meth:`KnapsackFrontier.mask` recovers an item set.
+  :class:`KnapsackFrontier` whose :meth:`KnapsackFrontier.mask` recovers an item set and
+  :meth:`KnapsackFrontier.distinct_masks` every distinct one.
 * :func:`knapsack_frontier_batch` -- ``B`` instances of equal item count, optionally solved
   in parallel (one per context-length bucket in the planner).
 * :func:`masked_value` -- the value of an item set, summed in the DP's order.
-* :func:`warmup` -- compile (or load from numba's cache) every kernel on tiny inputs.
+* :func:`warmup` -- compile (or load from numba's cache) the kernels of some or all methods
+  on tiny inputs, so a first real solve does not pay for it.
 
 Methods:
 
@@ -136,6 +138,20 @@ class KnapsackFrontier:
         out = np.zeros(self.n_items, dtype=np.bool_)
         _kernels.backtrack(self.take, self.weights, c_eff, out)
         return out
+
+    def distinct_masks(self) -> np.ndarray:
+        """Every distinct item set of the frontier, in order of first appearance.
+
+        Equal to collecting ``mask(c)`` for ``c = 0..capacity`` and keeping the first
+        occurrence of each set, but in one compiled call (no per-capacity validation).
+
+        Returns:
+            bool ``[K, n]`` (a fresh array), ``1 <= K <= capacity + 1``; row 0 is the set at
+            capacity 0.
+        """
+        out = np.empty((self.take.shape[1], self.n_items), dtype=np.bool_)
+        k = _kernels.frontier_masks(self.take, self.weights, self.method == "greedy", out)
+        return out[:k].copy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,8 +476,13 @@ def masked_value(values: object, mask: object) -> float:
     return float(_kernels.masked_sum(v, m))
 
 
-def warmup() -> float:
-    """Compile (or load from numba's on-disk cache) every solver kernel on tiny inputs.
+def warmup(methods: tuple[str, ...] = METHODS, batch: bool = True) -> float:
+    """Compile (or load from numba's on-disk cache) solver kernels on tiny inputs.
+
+    Args:
+        methods: the methods whose single-instance kernels to prepare (``knapsack``,
+            ``knapsack_frontier``, ``KnapsackFrontier.mask`` and ``distinct_masks``).
+        batch: also prepare :func:`knapsack_frontier_batch` and :func:`masked_value`.
 
     Returns:
         seconds spent.
@@ -469,11 +490,15 @@ def warmup() -> float:
     t0 = time.perf_counter()
     v = np.array([1.0, 2.0, -1.0, 0.5])
     w = np.array([1, 0, 2, 3], dtype=np.int64)
-    for method in METHODS:
+    for method in methods:
+        method = _check_method(method, METHODS)
         knapsack(v, w, 3, method=method)
-        knapsack_frontier(v, w, 4, method=method).mask(2)
-    knapsack_frontier_batch(np.stack([v, v]), np.stack([w, w]), 3, method="parallel")
-    masked_value(v, v > 0)
+        frontier = knapsack_frontier(v, w, 4, method=method)
+        frontier.mask(2)
+        frontier.distinct_masks()
+    if batch:
+        knapsack_frontier_batch(np.stack([v, v]), np.stack([w, w]), 3, method="parallel")
+        masked_value(v, v > 0)
     dt = time.perf_counter() - t0
-    logger.info("knapsack kernels ready in %.3f s", dt)
+    logger.info("knapsack kernels (%s) ready in %.3f s", ", ".join(methods), dt)
     return dt
