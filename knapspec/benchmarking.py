@@ -390,7 +390,7 @@ def sweep(
     agreement is measured through ``forward`` (``forward_alphas``).  Each point also
     carries ``prior_alpha``, the prior profile's prediction, to compare the two signals.
     """
-    from .planner.dp import mask_alphas, oracle_block_scores
+    from .planner.oracle_planners import mask_alphas, oracle_block_scores
 
     be = backend
     if hasattr(be, "capture_tokens"):  # a wider window: alphas from 32 tokens, not 8

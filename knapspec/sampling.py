@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .agreement import softmax
 from .errors import KnapSpecError
 
 
@@ -52,10 +53,7 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     Returns:
         float64 ``[n, V]`` (or ``[V]``) probabilities, rows summing to 1.
     """
-    z = np.asarray(logits, dtype=np.float64) / max(params.temperature, 1e-8)
-    z = z - z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
+    p = softmax(logits, max(params.temperature, 1e-8))
     if params.top_p < 1.0:
         order = np.argsort(-p, axis=-1, kind="stable")  # [n, V] descending
         sorted_p = np.take_along_axis(p, order, axis=-1)

@@ -11,7 +11,8 @@ from fake_backend import fake_cost_model
 from knapspec.blocks import BlockLayout
 from knapspec.costmodels import LinearCostModel
 from knapspec.planner import PlanContext
-from knapspec.planner.dp import (
+from knapspec.planner.factory import STRATEGIES, make_planner
+from knapspec.planner.oracle_planners import (
     ClaspPlanner,
     KnapSpecPlanner,
     OracleAdditivePlanner,
@@ -19,7 +20,6 @@ from knapspec.planner.dp import (
     group_dp,
     oracle_block_scores,
 )
-from knapspec.planner.factory import STRATEGIES, make_planner
 
 # a prior fidelity profile for a very redundant model: the search is worth running
 REDUNDANT = np.full(8, 1e-4)
@@ -248,3 +248,81 @@ def test_pareto_merging_skips_blocks_cheaper_than_a_bucket():
     assert not masks[:, list(oracle.layout.pinned)].any()
     # the front is ordered: more skipped cost, less similarity
     assert np.all(np.diff(skipped) > 0)
+
+
+def _no_draft_pays() -> LinearCostModel:
+    """Verifying k tokens costs k full steps: no draft can ever pay."""
+    return LinearCostModel(mlp_s=1e-3, attn_per_token_s=0, attn_base_s=1e-3, head_s=1e-3,
+                           overhead_s=1e-3, mlp_per_token_s=1e-3, attn_per_new_token_s=1e-3,
+                           head_per_token_s=1e-3, overhead_per_token_s=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["knapspec", "additive", "static"])
+def test_gated_planners_want_no_oracle_where_no_draft_can_pay(strategy):
+    oracle = NumpyOracle(n_layers=4)
+    options = {} if strategy == "additive" else {"prior_scores": REDUNDANT}
+    paying = make_planner(strategy, oracle.layout, fake_cost_model(), 4, **options)
+    if strategy == "additive":
+        paying.update_scores(REDUNDANT)  # its prior: the scores it plans with until measured
+    assert paying.needs_oracle and paying.wants_oracle(100)
+    hopeless = make_planner(strategy, oracle.layout, _no_draft_pays(), 4, **options)
+    if strategy == "additive":
+        hopeless.update_scores(REDUNDANT)
+    assert hopeless.needs_oracle and not hopeless.wants_oracle(100)
+    # and the plan indeed reads nothing through the oracle it was not promised
+    oracle.calls = 0
+    plan = hopeless.plan(PlanContext(context=100, oracle=oracle, remaining_tokens=100,
+                                     generated=8))
+    assert plan.is_autoregressive and oracle.calls == 0
+
+
+def test_ungated_planners_want_the_oracle_they_need():
+    lay = BlockLayout(4)
+    assert make_planner("clasp", lay, _no_draft_pays(), 4).wants_oracle(100)
+    assert make_planner("early-exit", lay, _no_draft_pays(), 4).wants_oracle(100)
+    assert not make_planner("ar", lay, fake_cost_model(), 4).wants_oracle(100)
+
+
+def test_static_search_stops_wanting_the_oracle_once_fixed():
+    oracle = NumpyOracle(n_layers=4, gains=[0.8, 0.8, 0.01, 0.01, 0.01, 0.01, 0.8, 0.8])
+    static = StaticSearchPlanner(oracle.layout, fake_cost_model(), prior_scores=REDUNDANT)
+    assert static.wants_oracle(100)
+    static.plan(PlanContext(context=100, oracle=oracle, generated=8))
+    assert not static.wants_oracle(100) and not static.wants_oracle(10_000)
+    static.reset()
+    assert static.wants_oracle(100)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_each_strategy_builds_one_planner_named_after_it(strategy):
+    planner = make_planner(strategy, BlockLayout(4), fake_cost_model(), 4)
+    assert planner.name == strategy
+
+
+def test_static_strategy_refuses_a_fixed_mask_and_says_what_to_use():
+    from knapspec.errors import KnapSpecError
+
+    with pytest.raises(KnapSpecError, match="StaticPlanner"):
+        make_planner("static", BlockLayout(4), fake_cost_model(), 4, mask=np.zeros(8, bool))
+
+
+def test_plans_name_the_planner_and_the_fidelity_they_used():
+    layout = BlockLayout(4)
+    knapspec = KnapSpecPlanner(layout, fake_cost_model(), prior_scores=REDUNDANT)
+    plan = knapspec.plan(PlanContext(context=100, generated=8))  # no block access: prior
+    assert plan.strategy == "knapspec" and plan.extra["fidelity"] == "prior"
+    oracle = NumpyOracle(n_layers=4, gains=[0.8, 0.8, 0.01, 0.01, 0.01, 0.01, 0.8, 0.8])
+    add = OracleAdditivePlanner(oracle.layout, fake_cost_model())
+    add.update_scores(REDUNDANT)  # a prior under which measuring pays
+    assert add.plan(PlanContext(context=100)).extra["fidelity"] == "prior"
+    measured = add.plan(PlanContext(context=100, oracle=oracle, generated=8))
+    assert measured.strategy == "additive" and measured.extra["fidelity"] == "measured"
+
+
+@pytest.mark.parametrize("strategy", ["knapspec", "additive", "static"])
+def test_warmup_loads_the_prior_kernels(strategy):
+    from knapspec.planner import _kernels
+
+    planner = make_planner(strategy, BlockLayout(4), fake_cost_model(), 4)
+    assert planner.warmup() >= 0.0
+    assert _kernels.dp_exact.signatures and _kernels.frontier_masks.signatures

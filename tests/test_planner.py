@@ -149,10 +149,10 @@ def test_switch_cost_amortised_over_remaining_tokens():
     lay = BlockLayout(4)
     mask = lay.mask_from_blocks([2, 3, 4, 5])
     free = select_plan([mask], [0.9], cm, 100, 4, remaining_tokens=10,
-                       switch_seconds=lambda m: 0.0)
+                       switch_price=lambda m: 0.0)
     assert not free.is_autoregressive
     costly = select_plan([mask], [0.9], cm, 100, 4, remaining_tokens=10,
-                         switch_seconds=lambda m: 10.0)
+                         switch_price=lambda m: 10.0)
     assert costly.is_autoregressive
 
 
@@ -268,3 +268,84 @@ def test_additive_planner_rejects_bad_scores():
         AdditivePlanner(lay, _linear(), np.zeros(3))
     with pytest.raises(KnapSpecError, match="NaN"):
         AdditivePlanner(lay, _linear(), np.full(8, np.nan))
+
+
+def _llama_h100_planner(**kw) -> AdditivePlanner:
+    spec = get_model_spec("llama-3.1-8b")
+    cm = RooflineCostModel(spec, get_hardware_spec("h100"))
+    return AdditivePlanner(BlockLayout(spec.n_layers), cm, default_block_scores(spec.n_layers),
+                           **kw)
+
+
+def _quantised_weights(planner: AdditivePlanner, context: int) -> np.ndarray:
+    idx = np.flatnonzero(planner.layout.skippable)
+    costs = planner.cost_model.block_costs(planner.layout.n_layers, context, 1)[idx]
+    return np.rint(costs * (planner.resolution / costs.sum())).astype(np.int64)
+
+
+def test_additive_planner_solves_once_while_quantised_weights_stay_the_same(monkeypatch):
+    import knapspec.planner.planners as planners_module
+
+    calls = []
+    real = planners_module.knapsack_frontier
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planners_module, "knapsack_frontier", counting)
+    planner = _llama_h100_planner()
+    contexts = [4096, 4097, 4100]
+    assert all(np.array_equal(_quantised_weights(planner, c), _quantised_weights(planner, 4096))
+               for c in contexts)  # the premise: one set of integer weights
+    plans = [planner.plan(PlanContext(c)) for c in contexts]
+    assert len(calls) == 1
+    assert len({p.mask.tobytes() for p in plans}) == 1
+    planner.update_scores(planner.scores * 0.5)  # new scores: a new frontier
+    planner.plan(PlanContext(4096))
+    assert len(calls) == 2
+    far = 131072  # long context: attention weighs more, the weights change
+    assert not np.array_equal(_quantised_weights(planner, far), _quantised_weights(planner, 4096))
+    planner.plan(PlanContext(far))
+    assert len(calls) == 3
+
+
+_WARM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import knapspec.runtime as rt
+from fake_backend import FakeBackend, fake_cost_model
+from knapspec.config import KnapSpecConfig
+from knapspec.planner import _kernels
+from knapspec.planner.oracle_planners import KnapSpecPlanner
+
+def no_plan(self, ctx):
+    raise AssertionError("a plan ran while building the session")
+
+KnapSpecPlanner.plan = no_plan
+rt.create_backend = lambda name, model=None, **kw: FakeBackend()
+rt.backend_cost_model = lambda be, *args, **kw: fake_cost_model()
+kernels = (_kernels.dp_exact, _kernels.frontier_masks)
+assert not any(k.signatures for k in kernels), "kernels compiled before the session"
+if {entry!r} == "build_session":
+    rt.build_session(strategy="knapspec")
+else:
+    config = KnapSpecConfig.from_dict({{"planner": {{"strategy": "knapspec"}}}})
+    rt.build_session_from_config(config)
+assert all(k.signatures for k in kernels), [k.signatures for k in kernels]
+print("warm")
+"""
+
+
+@pytest.mark.parametrize("entry", ["build_session", "build_session_from_config"])
+def test_building_a_session_loads_the_planner_kernels_before_any_plan(entry):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    script = _WARM_SCRIPT.format(tests=tests, entry=entry)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "warm"

@@ -22,7 +22,7 @@ from .profiling import profile_backend
 
 if TYPE_CHECKING:
     from ..costmodels.base import CostModel
-    from ..planner.planners import BlockOracle
+    from ..oracle import BlockOracle
 
 
 class Backend(ABC):

@@ -1,4 +1,6 @@
-"""``knapspec plan``: plans from a cost model alone, one per context length.
+"""``knapspec plan``: the additive planner's plans from a cost model alone, one per context.
+
+The planner is ``AdditivePlanner.for_model_spec``, so Python callers get the same plans.
 
 Example::
 
@@ -24,7 +26,6 @@ from ..costmodels import (
 )
 from ..errors import KnapSpecError, MissingDependencyError
 from ..planner import AdditivePlanner, PlanContext, load_block_scores
-from ..planner.fidelity import default_scores_for_spec
 from ..planner.solvers import METHODS
 from .common import DEFAULTS, add_config_arguments, load_config
 
@@ -52,8 +53,11 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="plan draft configurations from a cost model alone",
-        description="For each context length, the plan KnapSpec chooses from a cost model: "
-        "blocks skipped, draft length, predicted acceptance, tokens/s and speedup.",
+        description="For each context length, the plan of the additive planner (KnapSpec's "
+        "knapsack over a per-block fidelity profile, no model in the loop; plans say "
+        "\"strategy\": \"additive\") from a cost model alone: blocks skipped, draft length, "
+        "predicted acceptance, tokens/s and speedup.  The same plan as "
+        "knapspec.planner.AdditivePlanner.for_model_spec in Python.",
     )
     add_config_arguments(p)
     p.add_argument("--model-spec", default=None,
@@ -115,14 +119,11 @@ def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, A
             f"--context {too_long[0]} exceeds {spec.name}'s context limit of {spec.max_context}"
         )
     layout = config_layout(config, BlockLayout(spec.n_layers))
-    if args.scores:
-        scores, compounding = load_block_scores(args.scores, spec.n_layers), 1.0
-    else:
-        scores, compounding = default_scores_for_spec(spec.name, spec.n_layers)
-    planner = AdditivePlanner(
-        layout, cost_model, scores, max_draft_length=config.planner.max_draft_length,
-        resolution=args.resolution, method=args.method or config.planner.method or "exact",
-        compounding=compounding,
+    scores = load_block_scores(args.scores, spec.n_layers) if args.scores else None
+    planner = AdditivePlanner.for_model_spec(
+        spec, cost_model, layout=layout, scores=scores,
+        max_draft_length=config.planner.max_draft_length, resolution=args.resolution,
+        method=args.method or config.planner.method or "exact",
     )
     return [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
 
@@ -186,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         src = cm.source if cm.is_file else f"roofline on {cm.hardware}"
-        sys.stdout.write(f"KnapSpec plans for {cm.model_spec} ({src})\n{_table(rows)}\n")
+        sys.stdout.write(f"Additive-planner plans for {cm.model_spec} ({src})\n{_table(rows)}\n")
     if args.plot:
         where = cm.source if cm.is_file else cm.hardware
-        plot_plans(rows, args.plot, f"KnapSpec plans: {cm.model_spec}, {where}")
+        plot_plans(rows, args.plot, f"Additive-planner plans: {cm.model_spec}, {where}")
     return 0

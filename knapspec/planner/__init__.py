@@ -1,26 +1,20 @@
 """Backend-free planning: knapsack solvers, the TPT objective, proxies and planners."""
 
-from .dp import (
+from ..oracle import BlockOracle
+from .factory import STRATEGIES, make_planner
+from .fidelity import default_block_scores, load_block_scores, resample_profile
+from .objective import expected_tokens, round_seconds, verify_seconds
+from .oracle_planners import (
     ClaspPlanner,
     EarlyExitPlanner,
     KnapSpecPlanner,
     OracleAdditivePlanner,
     StaticSearchPlanner,
 )
-from .factory import STRATEGIES, make_planner
-from .fidelity import default_block_scores, load_block_scores, resample_profile
-from .objective import (
-    autoregressive_tokens_per_second,
-    expected_tokens,
-    round_seconds,
-    tokens_per_second,
-    verify_seconds,
-)
 from .plan import CostBreakdown, DraftPlan, select_plan
 from .planners import (
     AdditivePlanner,
     AutoregressivePlanner,
-    BlockOracle,
     PlanContext,
     Planner,
     StaticPlanner,
@@ -33,7 +27,13 @@ from .proxies import (
     cosine_similarity,
     make_proxy,
 )
-from .solvers import KnapsackFrontier, KnapsackResult, knapsack, knapsack_frontier
+from .solvers import (
+    KnapsackFrontier,
+    KnapsackResult,
+    knapsack,
+    knapsack_frontier,
+    knapsack_frontier_batch,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -56,18 +56,17 @@ __all__ = [
     "StaticSearchPlanner",
     "Top1Proxy",
     "TotalVariationProxy",
-    "autoregressive_tokens_per_second",
     "cosine_similarity",
     "default_block_scores",
     "expected_tokens",
     "knapsack",
     "knapsack_frontier",
+    "knapsack_frontier_batch",
     "load_block_scores",
     "make_planner",
     "make_proxy",
     "resample_profile",
     "round_seconds",
     "select_plan",
-    "tokens_per_second",
     "verify_seconds",
 ]

@@ -5,33 +5,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
-from .dp import (
+from .oracle_planners import (
     ClaspPlanner,
     EarlyExitPlanner,
     KnapSpecPlanner,
     OracleAdditivePlanner,
     StaticSearchPlanner,
 )
-from .planners import AutoregressivePlanner, Planner, StaticPlanner
+from .planners import AutoregressivePlanner, Planner
 
 
 def _static(layout: BlockLayout, cost: CostModel, **kw: Any) -> Planner:
-    mask = kw.pop("mask", None)
-    if mask is None:
-        return StaticSearchPlanner(layout, cost, **kw)
-    return StaticPlanner(layout, cost, np.asarray(mask, dtype=bool), **kw)
+    if "mask" in kw:
+        raise KnapSpecError(
+            "strategy 'static' searches its mask once (StaticSearchPlanner); for a fixed mask "
+            "build knapspec.planner.StaticPlanner(layout, cost_model, mask, alpha) directly"
+        )
+    return StaticSearchPlanner(layout, cost, **kw)
 
 
 def _early_exit(layout: BlockLayout, cost: CostModel, **kw: Any) -> Planner:
     return EarlyExitPlanner(BlockLayout.unpinned(layout.n_layers), cost, **kw)
 
 
-#: strategy -> builder(layout, cost_model, **options)
+#: strategy -> builder(layout, cost_model, **options); each strategy builds one class, whose
+#: ``name`` (the ``strategy`` of its plans) is the strategy's
 STRATEGIES: dict[str, Callable[..., Planner]] = {
     "knapspec": KnapSpecPlanner,
     "clasp": ClaspPlanner,

@@ -44,26 +44,19 @@ def expected_tokens(alpha: float | np.ndarray, d: int | np.ndarray) -> np.ndarra
     return float(out) if out.ndim == 0 else out
 
 
-def round_seconds(draft_step_s: float, verify_s: float, d: int | np.ndarray) -> np.ndarray | float:
+def round_seconds(
+    draft_step_s: float | np.ndarray, verify_s: float | np.ndarray, d: int | np.ndarray
+) -> np.ndarray | float:
     """Seconds of one round: ``d`` draft steps of ``draft_step_s`` plus one verify of ``verify_s``.
 
     ``verify_s`` must be the cost of verifying ``d + 1`` tokens (see ``verify_seconds``).
+    Vectorised over broadcastable arguments (``select_plan`` passes ``[K, 1]`` draft steps,
+    ``[1, D]`` verifications and ``[1, D]`` draft lengths).
     """
     return np.asarray(d) * draft_step_s + verify_s
 
 
 def verify_seconds(cost_model: CostModel, n_layers: int, context: float, d: int) -> float:
-    """Seconds for the full-model verification of ``d + 1`` tokens at ``context`` cached tokens."""
+    """Seconds for the full-model verification of ``d + 1`` tokens at ``context`` cached tokens
+    (``d = 0``: one autoregressive step)."""
     return cost_model.full_step_seconds(n_layers, context, d + 1)
-
-
-def tokens_per_second(
-    alpha: float, d: int, draft_step_s: float, verify_s: float
-) -> float:
-    """Expected tokens per second of a round (``verify_s`` for ``d + 1`` tokens)."""
-    return float(expected_tokens(alpha, d) / round_seconds(draft_step_s, verify_s, d))
-
-
-def autoregressive_tokens_per_second(cost_model: CostModel, n_layers: int, context: float) -> float:
-    """Tokens per second of plain decoding: one full step per token."""
-    return 1.0 / cost_model.full_step_seconds(n_layers, context, 1)

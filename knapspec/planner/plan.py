@@ -4,7 +4,8 @@ A planner proposes candidate skip masks with predicted acceptance; ``select_plan
 each candidate for every draft length ``1..max_draft_length`` under the TPT objective,
 adds the autoregressive plan (draft length 0), and returns the best.  Because the
 autoregressive plan is always a candidate, a returned plan is never predicted slower than
-autoregressive decoding.
+autoregressive decoding, unless the caller forces a draft plan (``force=True``: a fixed mask
+and draft length in sweeps, or CLaSp's fixed draft length).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from ..blocks import describe_mask
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
-from .objective import expected_tokens
+from .objective import expected_tokens, round_seconds, verify_seconds
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class CostBreakdown:
     ar_step_seconds: float  # one full-model step of 1 token (the autoregressive baseline)
     attn_skipped_seconds: float  # per draft step, saved by skipped attention blocks
     mlp_skipped_seconds: float  # per draft step, saved by skipped MLP blocks
-    switch_seconds: float = 0.0  # one-off cost of switching to this mask (backend-specific)
+    mask_switch_seconds: float = 0.0  # one-off cost of moving to this mask (backend-specific)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DraftPlan:
     cost: CostBreakdown  # the cost figures behind the prediction
     strategy: str = ""  # name of the planner that produced it
     extra: dict[str, Any] = field(default_factory=dict)  # planner-specific diagnostics
+    reason: str = ""  # why it drafts nothing, e.g. "no draft pays at context 46 ..." ("" if d>0)
 
     @property
     def is_autoregressive(self) -> bool:
@@ -93,6 +95,7 @@ class DraftPlan:
             "draft_step_seconds": self.cost.draft_step_seconds,
             "verify_seconds": self.cost.verify_seconds,
             "ar_step_seconds": self.cost.ar_step_seconds,
+            "reason": self.reason,
         }
 
 
@@ -105,7 +108,7 @@ def select_plan(
     *,
     strategy: str = "",
     remaining_tokens: int | None = None,
-    switch_seconds: Callable[[np.ndarray], float] | None = None,
+    switch_price: Callable[[np.ndarray], float] | None = None,
     min_gain: float = 0.0,
     force: bool = False,
 ) -> DraftPlan:
@@ -118,10 +121,11 @@ def select_plan(
         context: tokens in the KV cache.
         max_draft_length: largest draft length ``d`` considered (>= 1), or the explicit
             sequence of draft lengths to consider.
-        remaining_tokens: tokens still to generate; with ``switch_seconds`` the one-off
+        remaining_tokens: tokens still to generate; with ``switch_price`` the one-off
             switch cost is amortised over them (a mask that only pays after the generation
             ends is not chosen).
-        switch_seconds: cost in seconds of switching to a mask (0 for the current one).
+        switch_price: the seconds moving to a mask ``[2L]`` costs (0 for the current one),
+            e.g. ``Backend.switch_seconds``; None: switching is free.
         min_gain: a draft plan must beat autoregressive by this relative margin to be chosen.
         force: return the best draft plan even when autoregressive is predicted faster
             (sweeps that force a plan); needs at least one candidate.
@@ -142,22 +146,22 @@ def select_plan(
         raise KnapSpecError("force=True needs at least one candidate mask")
     n_layers = masks.shape[1] // 2
     # verification of d+1 tokens does not depend on the mask: [D]
-    verify = np.array([cost_model.full_step_seconds(n_layers, context, k + 1) for k in d])
-    ar_step = cost_model.full_step_seconds(n_layers, context, 1)
+    verify = np.array([verify_seconds(cost_model, n_layers, context, int(k)) for k in d])
+    ar_step = verify_seconds(cost_model, n_layers, context, 0)  # one plain step
     block = cost_model.block_costs(n_layers, context, 1)  # [2L]
     fixed = cost_model.overhead(1) + cost_model.head(1)
     draft = fixed + (block[None, :] * ~masks).sum(axis=1)  # [K]
     tokens = expected_tokens(np.clip(alphas, 0.0, 1.0)[:, None], d[None, :])  # [K, D]
-    rounds = d[None, :] * draft[:, None] + verify[None, :]  # [K, D]
+    rounds = round_seconds(draft[:, None], verify[None, :], d[None, :])  # [K, D]
     tpt = tokens / rounds  # [K, D]
     ar_tpt = 1.0 / ar_step
     switch = np.zeros(len(masks))
-    if switch_seconds is not None:
+    if switch_price is not None:
         # a switch only lowers a candidate's rate: price just the ones that could still win
         # (asking a backend is not free: llama.cpp looks its draft files up)
         live = (np.ones(len(masks), dtype=bool) if force
                 else tpt.max(axis=1, initial=0.0) > ar_tpt * (1.0 + min_gain))
-        switch[live] = [float(switch_seconds(m)) for m in masks[live]]
+        switch[live] = [float(switch_price(m)) for m in masks[live]]
         if remaining_tokens is not None and remaining_tokens > 0:
             # effective rate over the rest of the generation, switch cost included
             tpt = remaining_tokens / (remaining_tokens / tpt + switch[:, None])
@@ -180,6 +184,7 @@ def select_plan(
             tokens_per_second=ar_tpt,
             cost=cost,
             strategy=strategy,
+            reason=_plain_reason(masks.shape[0], cost_model, context),
         )
     k, j = int(best[0]), int(best[1])
     mask = masks[k].copy()
@@ -192,7 +197,7 @@ def select_plan(
         ar_step_seconds=ar_step,
         attn_skipped_seconds=float(block[0::2][mask[0::2]].sum()),
         mlp_skipped_seconds=float(block[1::2][mask[1::2]].sum()),
-        switch_seconds=float(switch[k]),
+        mask_switch_seconds=float(switch[k]),
     )
     return DraftPlan(
         mask=mask,
@@ -202,3 +207,12 @@ def select_plan(
         cost=cost,
         strategy=strategy,
     )
+
+
+def _plain_reason(candidates: int, cost_model: CostModel, context: float) -> str:
+    """Why ``select_plan`` returned the autoregressive plan, in words."""
+    if candidates == 0:
+        return f"the planner proposed no draft at context {context:.0f}"
+    where = ("on the measured profile" if cost_model.kind == "table"
+             else f"on the {cost_model.kind} cost model")
+    return f"no draft pays at context {context:.0f} {where}"

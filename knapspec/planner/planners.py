@@ -7,8 +7,8 @@
 * ``AdditivePlanner``: KnapSpec with additive per-block fidelity scores; a knapsack frontier
   over the blocks to keep, for every kept-cost budget, then TPT over (budget, draft length).
 
-The model-in-the-loop dynamic program of the paper needs to run blocks on hidden states; it
-talks to a backend through the ``BlockOracle`` protocol defined here.
+The model-in-the-loop planners (``oracle_planners``) run blocks on hidden states through a
+backend's ``BlockOracle`` (``knapspec.oracle``), which ``PlanContext.oracle`` carries.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
+from ..costmodels.specs import DecoderSpec, get_model_spec
 from ..errors import KnapSpecError
+from ..oracle import BlockOracle
+from . import solvers
+from .fidelity import default_scores_for_spec
 from .plan import DraftPlan, select_plan
 from .proxies import CosineProxy
 from .solvers import knapsack_frontier
@@ -35,32 +39,10 @@ class PlanContext:
     context: int  # tokens currently in the KV cache
     remaining_tokens: int | None = None  # tokens still to generate (None: unknown)
     current_mask: np.ndarray | None = None  # [2L] bool mask in use now (None: none yet)
-    switch_seconds: Callable[[np.ndarray], float] | None = None  # cost of moving to a mask
+    # seconds a move to a mask [2L] would cost, e.g. ``Backend.switch_seconds`` (None: free)
+    switch_price: Callable[[np.ndarray], float] | None = None
     oracle: BlockOracle | None = None  # backend access for model-in-the-loop planners
     generated: int = 0  # tokens generated so far in this generation
-
-
-@runtime_checkable
-class BlockOracle(Protocol):
-    """What a backend offers a model-in-the-loop planner (the paper's parallel DP).
-
-    Shapes: ``S`` candidate states evaluated together, ``T`` tokens (the last accepted
-    tokens), ``D`` hidden size, ``V`` vocabulary.  States are backend tensors.
-    """
-
-    layout: BlockLayout  # blocks of the model and which are pinned
-
-    def boundary_states(self) -> Any:
-        """Full model's states at every block boundary: ``[2L + 1, T, D]`` (index 0 = input)."""
-        ...
-
-    def apply_block(self, block: int, states: Any) -> Any:
-        """Run block ``block`` on a batch of candidate states ``[S, T, D] -> [S, T, D]``."""
-        ...
-
-    def logits(self, states: Any) -> Any:
-        """Final norm + LM head on states ``[S, T, D] -> [S, T, V]``."""
-        ...
 
 
 class Planner(ABC):
@@ -75,6 +57,24 @@ class Planner(ABC):
 
     def reset(self) -> None:  # noqa: B027 - optional hook, stateless planners keep the default
         """Forget per-generation state; called when a generation starts."""
+
+    def wants_oracle(self, context: int) -> bool:
+        """Whether a plan at ``context`` (tokens in the KV cache) may read ``PlanContext.oracle``.
+
+        The decoder asks before the forwards whose hidden states an oracle would read, and
+        captures them only when this is True.  The default is ``needs_oracle``; planners with
+        a cheap cost-model gate say False where that gate rules every draft out.
+        """
+        return self.needs_oracle
+
+    def warmup(self) -> float:
+        """Prepare what the first plan would otherwise pay for once per process (numba
+        kernels loaded from their cache or compiled); call it off the timed path.
+
+        Returns:
+            seconds spent (0.0 for planners with nothing to prepare).
+        """
+        return 0.0
 
 
 class AutoregressivePlanner(Planner):
@@ -98,14 +98,15 @@ class AutoregressivePlanner(Planner):
 
 
 class StaticPlanner(Planner):
-    """A fixed skip mask with a fixed or TPT-chosen draft length.
+    """A fixed skip mask with a fixed or TPT-chosen draft length (plans named ``fixed``).
 
     With ``draft_length`` given, that plan is returned even when the cost model predicts it
     slower than autoregressive (useful for sweeps that force a plan).  Without it, the draft
-    length is chosen by TPT and the autoregressive plan wins when no draft pays.
+    length is chosen by TPT and the autoregressive plan wins when no draft pays.  Not a
+    strategy: ``--strategy static`` searches its mask once (``StaticSearchPlanner``).
     """
 
-    name = "static"
+    name = "fixed"
 
     def __init__(
         self,
@@ -188,6 +189,36 @@ class AdditivePlanner(Planner):
         # costs quantise to the same integer weights share it
         self._memo: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
+    @classmethod
+    def for_model_spec(
+        cls,
+        spec: DecoderSpec | str,
+        cost_model: CostModel,
+        layout: BlockLayout | None = None,
+        scores: np.ndarray | None = None,
+        **options: Any,
+    ) -> AdditivePlanner:
+        """The additive planner for a named model spec: the one ``knapspec plan`` runs.
+
+        Args:
+            spec: a ``DecoderSpec`` or the name of a built-in one (``knapspec plan
+                --model-spec``).
+            cost_model: seconds per block at a context, e.g. ``RooflineCostModel(spec, hw)``.
+            layout: blocks and pinning (default: ``BlockLayout(spec.n_layers)``).
+            scores: ``[2L]`` per-block fidelity losses measured on the model; None: the
+                prior profile for the spec (``default_scores_for_spec``: measured on
+                SmolLM2-135M, recalibrated to a compounding loss for larger models, which
+                are more redundant).  Measured scores are taken as additive.
+            options: further ``AdditivePlanner`` options (``max_draft_length``,
+                ``resolution``, ``method``, ``proxy``, ``compounding``).
+        """
+        spec = get_model_spec(spec) if isinstance(spec, str) else spec
+        layout = BlockLayout(spec.n_layers) if layout is None else layout
+        if scores is None:
+            scores, compounding = default_scores_for_spec(spec.name, spec.n_layers)
+            options.setdefault("compounding", compounding)
+        return cls(layout, cost_model, scores, **options)
+
     def _check_scores(self, scores: np.ndarray) -> np.ndarray:
         s = np.asarray(scores, dtype=np.float64)
         if s.shape != (self.layout.n_blocks,):
@@ -201,6 +232,11 @@ class AdditivePlanner(Planner):
     def update_scores(self, scores: np.ndarray) -> None:
         """Replace the per-block scores (e.g. re-measured on the current context)."""
         self.scores = self._check_scores(scores)
+
+    def warmup(self) -> float:
+        """Load (or compile) the knapsack kernels ``candidates`` runs for ``method``: the
+        frontier DP and the distinct-mask recovery.  Returns seconds spent."""
+        return solvers.warmup((self.method,), batch=False)
 
     def candidates(self, context: float) -> tuple[np.ndarray, np.ndarray]:
         """Frontier masks ``[K, 2L]`` and their predicted alphas ``[K]`` at ``context``."""
@@ -216,18 +252,9 @@ class AdditivePlanner(Planner):
         capacity = int(weights.sum())
         # keep the blocks whose loss matters most within the kept-cost budget
         frontier = knapsack_frontier(self.scores[idx], weights, capacity, method=self.method)
-        masks = []
-        seen = set()
-        for c in range(capacity + 1):
-            keep = frontier.mask(c)  # [n] bool, blocks kept among the skippable
-            key = keep.tobytes()
-            if key in seen:
-                continue
-            seen.add(key)
-            mask = self.layout.empty_mask()
-            mask[idx[~keep]] = True
-            masks.append(mask)
-        masks_arr = np.array(masks, dtype=bool)  # [K, 2L]
+        keep = frontier.distinct_masks()  # [K, n] bool, blocks kept among the skippable
+        masks_arr = np.zeros((len(keep), self.layout.n_blocks), dtype=bool)  # [K, 2L]
+        masks_arr[:, idx] = ~keep
         loss = (masks_arr * self.scores[None, :]).sum(axis=1) ** self.compounding  # [K]
         est_cos = 1.0 - loss
         alphas = np.asarray(self.proxy.alpha_from_cosine(est_cos), dtype=np.float64)
@@ -245,5 +272,5 @@ class AdditivePlanner(Planner):
             self.max_draft_length,
             strategy=self.name,
             remaining_tokens=ctx.remaining_tokens,
-            switch_seconds=ctx.switch_seconds,
+            switch_price=ctx.switch_price,
         )

@@ -10,7 +10,8 @@ Three proxies, from cheapest evidence to most exact:
 * ``TotalVariationProxy``: ``1 - TV(p_draft, p_target)`` averaged over positions; the exact
   acceptance probability of speculative sampling (Leviathan et al., 2023, Thm. 3.5).
 
-Inputs may be numpy arrays or torch tensors; all are converted to float64 numpy.
+Inputs may be numpy arrays or torch tensors; all are converted to float64 numpy.  The
+arithmetic itself (cosine, top-1 agreement, 1 - TV, softmax) is ``knapspec.agreement``'s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..agreement import cosine, top1_agreement, tv_acceptance
 from ..errors import KnapSpecError
 
 
@@ -47,9 +49,7 @@ def _pair(draft: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
 def cosine_similarity(a: Any, b: Any) -> np.ndarray:
     """Row-wise cosine similarity of ``[T, D]`` arrays -> ``[T]`` (0 where a row is zero)."""
     x, y = _pair(a, b)
-    num = (x * y).sum(axis=1)
-    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return cosine(x, y)
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -59,13 +59,6 @@ def _normal_cdf(z: Any) -> np.ndarray:
     """Standard normal CDF, elementwise (inf-safe)."""
     z = np.asarray(z, dtype=np.float64)
     return 0.5 * (1.0 + np.asarray(_erf(z / math.sqrt(2.0)), dtype=np.float64))
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 class AcceptanceProxy(ABC):
@@ -161,7 +154,7 @@ class Top1Proxy(AcceptanceProxy):
 
     def alpha(self, draft: Any, target: Any) -> float:
         d, t = _pair(draft, target)
-        return float(np.mean(d.argmax(axis=1) == t.argmax(axis=1)))
+        return float(top1_agreement(d, t))
 
 
 class TotalVariationProxy(AcceptanceProxy):
@@ -177,8 +170,7 @@ class TotalVariationProxy(AcceptanceProxy):
 
     def alpha(self, draft: Any, target: Any) -> float:
         d, t = _pair(draft, target)
-        p, q = _softmax(d, self.temperature), _softmax(t, self.temperature)
-        return float(np.mean(1.0 - 0.5 * np.abs(p - q).sum(axis=1)))
+        return float(tv_acceptance(d, t, self.temperature))
 
 
 PROXIES: dict[str, type[AcceptanceProxy]] = {

@@ -32,32 +32,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from ..agreement import cosine, top1_agreement, tv_acceptance
 from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
+from ..oracle import BlockOracle
+from ..oracle import oracle_array as _np
 from .plan import DraftPlan, select_plan
-from .planners import AdditivePlanner, AutoregressivePlanner, BlockOracle, PlanContext, Planner
-from .proxies import TotalVariationProxy
+from .planners import AdditivePlanner, AutoregressivePlanner, PlanContext, Planner
 
 log = logging.getLogger(__name__)
 
 
-def _np(x: Any) -> np.ndarray:
-    """float32 numpy view of an oracle result (numpy array or CPU tensor)."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
 def mean_cosine(states: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Mean over tokens of cosine(states[s, t], ref[t]): ``[S, T, D], [T, D] -> [S]``."""
-    num = np.einsum("std,td->st", states, ref, dtype=np.float64)
-    den = np.linalg.norm(states, axis=-1) * np.linalg.norm(ref, axis=-1)[None, :]
-    return (num / np.maximum(den, 1e-30)).mean(axis=1)
+    return cosine(states, ref[None]).mean(axis=1)
 
 
 def alphas_from_logits(
@@ -65,10 +59,9 @@ def alphas_from_logits(
 ) -> np.ndarray:
     """Acceptance per candidate ``[S]`` from logits ``[S, T, V]`` against ``[T, V]``."""
     if proxy == "top1":
-        return (cand_logits.argmax(-1) == full_logits.argmax(-1)[None, :]).mean(axis=1)
+        return top1_agreement(cand_logits, full_logits[None])
     if proxy == "tv":
-        tv = TotalVariationProxy()
-        return np.array([tv.alpha(c, full_logits) for c in cand_logits])
+        return tv_acceptance(cand_logits, full_logits[None])
     raise KnapSpecError(f"unknown logits proxy {proxy!r} (known: top1, tv)")
 
 
@@ -208,11 +201,27 @@ class KnapSpecPlanner(Planner):
             prior_scores = default_block_scores(layout.n_layers)
         self._prior = AdditivePlanner(layout, cost_model, prior_scores,
                                       max_draft_length=self.max_draft_length)
+        self._prior_at: tuple[float, DraftPlan] | None = None  # (context, prior's plan)
 
     def reset(self) -> None:
         """Forget candidates (a new generation starts)."""
         self._candidates = None
         self._dp_context = -1
+
+    def _prior_plan(self, context: float) -> DraftPlan:
+        """The prior's plan at ``context`` (no model calls; the last one is kept)."""
+        if self._prior_at is None or self._prior_at[0] != context:
+            self._prior_at = (context, self._prior.plan(PlanContext(context=int(context))))
+        return self._prior_at[1]
+
+    def wants_oracle(self, context: int) -> bool:
+        """False where the prior (the cost-model gate of ``worth_searching``) predicts that no
+        draft pays at ``context``: the search would not run, so nothing needs capturing."""
+        return self.needs_oracle and not self._prior_plan(context).is_autoregressive
+
+    def warmup(self) -> float:
+        """Load the knapsack kernels the prior runs (the DP itself is numpy); seconds spent."""
+        return self._prior.warmup()
 
     @staticmethod
     def _oracle_tokens(oracle: BlockOracle) -> int:
@@ -241,19 +250,21 @@ class KnapSpecPlanner(Planner):
         logits = _np(oracle.logits(np.concatenate([states, final[None]])))  # [K + 1, T, V]
         return masks, alphas_from_logits(logits[:-1], logits[-1], self.proxy)
 
-    def worth_searching(self, ctx: PlanContext, tokens: int) -> bool:
+    def worth_searching(self, ctx: PlanContext) -> bool:
         """Can a draft beat autoregressive by more than the search costs?
 
         The prior is the additive planner on the prior fidelity profile (no model calls):
         its best plan's predicted gain over the remaining tokens must exceed the search cost,
-        about one forward of ``S * tokens`` tokens (``S = resolution + 1`` states), priced by
-        the cost model.  Without a known number of remaining tokens only the prior counts.
+        about one forward of ``S * T`` tokens (``S = resolution + 1`` states, ``T`` the
+        oracle's tokens), priced by the cost model.  Without a known number of remaining
+        tokens only the prior counts.  The oracle is read only when the prior pays.
         """
-        best = self._prior.plan(PlanContext(context=ctx.context))
+        best = self._prior_plan(ctx.context)
         if best.is_autoregressive:
             return False
-        if ctx.remaining_tokens is None:
+        if ctx.remaining_tokens is None or ctx.oracle is None:
             return True
+        tokens = self._oracle_tokens(ctx.oracle)
         saved = ctx.remaining_tokens * (1.0 / best.ar_tokens_per_second
                                         - 1.0 / best.tokens_per_second)
         search = self.cost_model.full_step_seconds(
@@ -269,11 +280,10 @@ class KnapSpecPlanner(Planner):
             # the backend gives no block access (llama.cpp): the same knapsack over the
             # same cost model, with the prior fidelity profile as the value side
             plan = self._prior.plan(ctx)
-            plan.extra["fidelity"] = "prior"
-            return plan
+            return replace(plan, strategy=self.name, extra={**plan.extra, "fidelity": "prior"})
         grown = ctx.context >= self._dp_context * (1.0 + self.rerun_growth)
         if (ctx.oracle is not None and (self._candidates is None or grown)
-                and not self.worth_searching(ctx, self._oracle_tokens(ctx.oracle))):
+                and not self.worth_searching(ctx)):
             log.info("%s: no draft can pay at context %d; decoding plainly", self.name,
                      ctx.context)
             self._dp_context = ctx.context
@@ -288,7 +298,7 @@ class KnapSpecPlanner(Planner):
         plan = select_plan(
             masks, alphas, self.cost_model, ctx.context, self.max_draft_length,
             strategy=self.name, remaining_tokens=ctx.remaining_tokens,
-            switch_seconds=ctx.switch_seconds,
+            switch_price=ctx.switch_price,
         )
         return plan
 
@@ -321,6 +331,14 @@ class ClaspPlanner(KnapSpecPlanner):
                 f"n_skip_layers must lie in [1, {len(free_layers)}], got {n_skip_layers}"
             )
         self.draft_length = int(draft_length)
+
+    def wants_oracle(self, context: int) -> bool:
+        """CLaSp has no cost-model gate: it searches at every plan."""
+        return self.needs_oracle
+
+    def warmup(self) -> float:
+        """Nothing to prepare: CLaSp's search is numpy and it consults no prior."""
+        return 0.0
 
     def candidates(self, oracle: BlockOracle, context: float) -> tuple[np.ndarray, np.ndarray]:
         lay = self.layout
@@ -426,7 +444,10 @@ def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
 
 
 class OracleAdditivePlanner(AdditivePlanner):
-    """The additive planner with per-block scores measured on the current context."""
+    """Strategy ``additive``: the additive planner with per-block scores measured through the
+    oracle on the current context (until then, and without block access, the prior
+    profile).  Its plans say which in ``extra["fidelity"]``: ``"measured"`` or ``"prior"``.
+    """
 
     name = "additive"
     needs_oracle = True
@@ -441,9 +462,16 @@ class OracleAdditivePlanner(AdditivePlanner):
         self.rerun_growth = float(rerun_growth)
         self.min_generated = int(min_generated)
         self._measured_context = -1
+        self._measured = False  # scores come from the oracle (not the prior profile)
 
     def reset(self) -> None:
         self._measured_context = -1
+
+    def wants_oracle(self, context: int) -> bool:
+        """False where the plan from the current scores (the cost-model gate of
+        ``_worth_measuring``) drafts nothing at ``context``: no measurement would run."""
+        prior = super().plan(PlanContext(context=context))
+        return self.needs_oracle and not prior.is_autoregressive
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         grown = ctx.context >= self._measured_context * (1.0 + self.rerun_growth)
@@ -452,7 +480,10 @@ class OracleAdditivePlanner(AdditivePlanner):
             self._measured_context = ctx.context
             if self._worth_measuring(ctx):
                 self.update_scores(oracle_block_scores(ctx.oracle))
-        return super().plan(ctx)
+                self._measured = True
+        plan = super().plan(ctx)
+        fidelity = "measured" if self._measured else "prior"
+        return replace(plan, extra={**plan.extra, "fidelity": fidelity})
 
     def _worth_measuring(self, ctx: PlanContext) -> bool:
         """Measuring costs about a forward of ``2L * T`` tokens; only pay it when the plan
@@ -484,6 +515,14 @@ class StaticSearchPlanner(Planner):
         self.inner.reset()
         self.fixed = None
         self.needs_oracle = True
+
+    def wants_oracle(self, context: int) -> bool:
+        """Only until the one search has run, and only where its gate lets it run."""
+        return self.fixed is None and self.inner.wants_oracle(context)
+
+    def warmup(self) -> float:
+        """What the one search needs (KnapSpec's prior); seconds spent."""
+        return self.inner.warmup()
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         if self.fixed is not None:
