@@ -349,3 +349,66 @@ def test_building_a_session_loads_the_planner_kernels_before_any_plan(entry):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "warm"
+
+
+# ------------------------------------------------------------------ docs and CLI agree
+def _doc_blocks(relative: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / relative).read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def _claimed_prints(block: str) -> list[str]:
+    """The outputs a block's ``print(...)  # expected`` lines claim, in order."""
+    import re
+
+    return [m.group(1).strip() for m in re.finditer(r"^print\(.*\)\s+#\s*(.+)$", block, re.M)]
+
+
+def _readme_planner_block() -> str:
+    return next(b for b in _doc_blocks("README.md") if "AdditivePlanner" in b)
+
+
+@pytest.mark.parametrize("where", ["README.md", "docs/planner.md"])
+def test_planner_examples_print_what_they_claim(where, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = [_readme_planner_block()] if where == "README.md" else _doc_blocks(where)
+    claimed = [c for b in blocks for c in _claimed_prints(b)]
+    assert claimed, f"{where}: no print with its claimed output"
+    for block in blocks:
+        exec(compile(block, where, "exec"), {})
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert printed == claimed
+
+
+def test_readme_planner_snippet_gives_the_plan_the_cli_prints(capsys):
+    from knapspec.cli import main
+
+    exec(compile(_readme_planner_block(), "README.md", "exec"), {})
+    d, attn, mlp, speedup = capsys.readouterr().out.split()
+    assert main(["plan", "--model-spec", "llama-3.1-8b", "--hardware", "h100",
+                 "--context", "32k", "--json"]) == 0
+    import json
+
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["draft_length"], row["attn_skipped"], row["mlp_skipped"]) == (
+        int(d), int(attn), int(mlp))
+    assert round(row["predicted_speedup"], 2) == float(speedup)
+    assert row["draft_length"] > 0  # the snippet must show a plan that drafts
+
+
+def test_plan_help_names_the_planner_its_json_reports(capsys):
+    from knapspec.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert main(["plan", "--model-spec", "llama-3.1-8b", "--context", "4k", "--json"]) == 0
+    import json
+
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["strategy"] == "additive"
+    assert "the plan of the additive planner" in help_text
+    assert "KnapSpec chooses" not in help_text
