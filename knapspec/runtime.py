@@ -66,10 +66,12 @@ def build_session(
     progress: bool = True,
     notice: Callable[[str], None] | None = None,
 ) -> Session:
-    """Build everything a generation needs; profiles the backend on first use (cached)."""
+    """Build everything a generation needs; profiles the backend on first use (cached) and
+    warms the planner up (``Planner.warmup``), so neither lands in a timed decode."""
     be = create_backend(backend, model=model, **(backend_options or {}))
     cm = backend_cost_model(be, cost_model, progress=progress, notice=notice)
     planner = make_planner(strategy, be.layout, cm, max_draft_length, **(planner_options or {}))
+    planner.warmup()  # its numba kernels load here, not in the first (timed) plan
     return Session(be, cm, planner, SpeculativeDecoder(be, planner))
 
 
@@ -123,11 +125,14 @@ def config_planner(
     strategy: str | None = None,
 ) -> Planner:
     """The planner for ``strategy`` (default: ``planner.strategy``) with the config's
-    options; a key the strategy does not take is an error naming both."""
+    options, warmed up (``Planner.warmup``); a key the strategy does not take is an error
+    naming both."""
     strategy = config.planner.strategy if strategy is None else strategy
     options = config.planner.options_for(strategy)
-    return make_planner(strategy, config_layout(config, layout), cost_model,
-                        config.planner.max_draft_length, **options)
+    planner = make_planner(strategy, config_layout(config, layout), cost_model,
+                           config.planner.max_draft_length, **options)
+    planner.warmup()  # its numba kernels load here, not in the first (timed) plan
+    return planner
 
 
 def build_session_from_config(
