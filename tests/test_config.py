@@ -20,9 +20,8 @@ from knapspec.config import (
     DEFAULT,
     KnapSpecConfig,
     PlannerSection,
-    default_toml,
-    reference_markdown,
 )
+from knapspec.config_docs import default_toml, reference_markdown
 from knapspec.errors import KnapSpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -440,7 +439,7 @@ def test_docs_config_md_matches_the_dataclasses():
     table = text.split(begin, 1)[1].split(end, 1)[0]
     assert table.strip() == reference_markdown().strip(), (
         "docs/config.md is out of date: replace the generated part with "
-        "python -c 'from knapspec.config import reference_markdown as r; print(r())'")
+        "python -c 'from knapspec.config_docs import reference_markdown as r; print(r())'")
 
 
 def test_docs_config_example_is_valid(tmp_path):

@@ -58,7 +58,8 @@ def render(config: Any) -> str:
     import dataclasses
 
     from ..backends import BACKENDS
-    from ..config import SECTIONS, toml_value
+    from ..config import SECTIONS
+    from ..config_docs import toml_value
 
     def line(key: str, value: str, source: str) -> str:
         return f"{key} = {value}".ljust(40) + f"  # {source}"
@@ -111,7 +112,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_init(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
-    from ..config import default_toml
+    from ..config_docs import default_toml
 
     path = Path(args.path)
     if path.exists() and not args.force:
