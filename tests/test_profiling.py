@@ -25,6 +25,7 @@ from knapspec.backends.profile_trust import (
     assess,
     jump_flags,
     other_cpus,
+    proc_stat_busy,
     spread_flags,
 )
 from knapspec.backends.profiling import cached_profile, profile_backend
@@ -190,6 +191,16 @@ def test_other_cpus_from_proc_stat_or_the_load_average():
     no_stat = CpuSample(12.0, None, 7.0, 3.5)
     assert other_cpus(a, no_stat, threads=2) == pytest.approx(1.5)
     assert other_cpus(a, CpuSample(12.0, None, 7.0, None), threads=2) is None
+
+
+def test_proc_stat_busy_counts_only_the_cpus_this_process_may_use():
+    text = ("cpu  400 0 100 1000 50 0 0 0 0 0\n"
+            "cpu0 100 0 50 500 25 0 0 0 0 0\n"
+            "cpu1 300 0 50 500 25 0 0 0 0 0\n"
+            "intr 12345\n\n")
+    assert proc_stat_busy(text, None, hz=100.0) == pytest.approx(5.0)  # idle, iowait out
+    assert proc_stat_busy(text, {0}, hz=100.0) == pytest.approx(1.5)  # busy elsewhere: ignored
+    assert proc_stat_busy("intr 1\n", {0}, hz=100.0) is None
 
 
 def test_bad_thresholds_are_refused():

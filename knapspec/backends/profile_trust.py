@@ -7,11 +7,12 @@ in context, one slow point raises every longer context too.  Three checks, all p
 functions of the measurements so they can be tested on synthetic data:
 
 * **load** (``load_limit``): CPUs' worth of work by *other* processes while a context's
-  points were measured (from ``/proc/stat`` minus this process's own CPU time; where
-  ``/proc/stat`` is missing, the 1-minute load average minus our threads).  More than the
-  CPUs our threads leave free (``cpu_count - threads``) plus ``load_tolerance_cpus`` means
-  the timings competed for a core.  The load in the second before profiling is recorded
-  and logged, but not judged: a job that ended before the measurements does no harm.
+  points were measured (from ``/proc/stat`` over the CPUs this process may use, minus its
+  own CPU time; where ``/proc/stat`` is missing, the 1-minute load average minus our
+  threads).  More than the CPUs our threads leave free (``cpu_count - threads``) plus
+  ``load_tolerance_cpus`` means the timings competed for a core.  The load in the second
+  before profiling is recorded and logged, but not judged: a job that ended before the
+  measurements does no harm.
 * **spread** (``spread_flags``): the repeats of one point disagree: median absolute
   deviation over median above ``max_rel_spread`` (and above ``min_excess_s`` in absolute
   terms, so microsecond jitter on tiny calls does not count).  Needs 3 or more repeats.
@@ -94,16 +95,45 @@ class CpuSample:
     loadavg: float | None
 
 
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return None
+
+
+def proc_stat_busy(text: str, cpus: set[int] | None, hz: float) -> float | None:
+    """Busy CPU-seconds since boot in ``/proc/stat`` ``text``, summed over ``cpus`` (the
+    CPUs this process may use: work elsewhere on a shared host does not slow it down), or
+    over the machine when ``cpus`` is ``None``; ``None`` if ``text`` cannot be read."""
+    total, seen = 0, False
+    for line in text.splitlines():
+        name, *fields = line.split() or [""]
+        index = name[3:]
+        if not name.startswith("cpu") or not (index == "" or index.isdigit()):
+            continue
+        if (cpus is None) != (index == "") or (cpus is not None and int(index) not in cpus):
+            continue
+        try:
+            ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+        except ValueError:
+            return None
+        if len(ticks) < 8:
+            return None
+        total += sum(ticks) - ticks[3] - ticks[4]
+        seen = True
+    return total / hz if seen else None
+
+
 def _proc_stat_busy() -> float | None:
-    """Busy CPU-seconds over all CPUs from ``/proc/stat`` (``None`` off Linux)."""
+    """Busy CPU-seconds of the CPUs this process may use (``None`` off Linux)."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-        ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-        hz = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+            text = f.read()
+        hz = float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
         return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz
+    return proc_stat_busy(text, _affinity(), hz)
 
 
 def sample_cpu() -> CpuSample:
@@ -131,10 +161,8 @@ def other_cpus(a: CpuSample, b: CpuSample, threads: int) -> float | None:
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where known, else ``os.cpu_count``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    cpus = _affinity()
+    return len(cpus) if cpus else os.cpu_count() or 1
 
 
 def load_limit(threads: int, cpu_count: int, policy: TrustPolicy) -> float:
