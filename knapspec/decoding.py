@@ -11,7 +11,14 @@ the KV cache, at position ``p0 = backend.length``)::
 ``d = 0`` is a plain autoregressive step.  Every ``replan_interval`` rounds the planner is
 asked again, with the context length, the tokens left and (for model-in-the-loop
 planners) the backend's block oracle over the last verified tokens.  Planning time is part
-of ``decode_seconds``.
+of ``decode_seconds``; the time of the caller's streaming callback is not part of any timing.
+
+Hidden-state capture for the oracle is paid only where a plan reads it: the full-model
+forwards of the last ``capture window`` rounds before a plan (the backend's
+``capture_tokens``; each round caches at least one token, so those rounds cover the window),
+and only when ``Planner.wants_oracle`` says that plan may use the oracle.  Should the answer
+change inside the window, the window's tokens are recomputed once with capture, so the
+oracle always sees the same tokens: the last ``capture_tokens`` cached ones.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .sampling import (
     sample,
     select,
 )
+from .stop_strings import StopStringScanner
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,9 @@ class GenerationResult:
     accepted: int = 0  # drafted tokens accepted
     stop_reason: str = ""  # "eos", "length", "stop" or "context"
     plan_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per plan
+    # why nothing was drafted, e.g. "no draft pays at context 46 on the measured profile";
+    # None when something was drafted
+    plain_reason: str | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -127,6 +138,7 @@ class GenerationResult:
             "accepted": self.accepted,
             "stop_reason": self.stop_reason,
             "plan_history": self.plan_history,
+            "plain_reason": self.plain_reason,
         }
 
 
@@ -134,6 +146,25 @@ def _plan_record(plan: DraftPlan, seconds: float) -> dict[str, Any]:
     rec = plan.to_dict()
     rec["plan_seconds"] = seconds
     return rec
+
+
+@dataclass
+class _Loop:
+    """State of one generation's loop."""
+
+    prompt: list[int]  # prompt token ids (the cache starts with them)
+    scan: StopStringScanner | None  # incremental text for stop strings (None: no stops)
+    has_oracle: bool  # the backend offers a block oracle (else nothing is ever captured)
+    # the backend's capture_tokens: every round caches >= 1 token, so this many captured
+    # rounds in a row (or a captured prefill) hold the oracle's whole window
+    window: int
+    lead: int  # rounds before each plan that capture: min(window, replan_interval)
+    capture_streak: int = 0  # rounds in a row, up to now, run with capture
+    capture_next: bool = False  # the rounds before the next plan capture
+    plan: DraftPlan | None = None  # the plan in use
+    drafting_plan: bool = False  # some round ran under a plan with draft length >= 1
+    sent: int = 0  # tokens passed to the streaming callback
+    paused: float = 0.0  # seconds spent in the streaming callback
 
 
 class SpeculativeDecoder:
@@ -155,9 +186,11 @@ class SpeculativeDecoder:
 
     # ---------------------------------------------------------------- one round
     def _draft(
-        self, last: int, plan: DraftPlan, n: int, sp: SamplingParams, rng: np.random.Generator
+        self, last: int, plan: DraftPlan, n: int, sp: SamplingParams, rng: np.random.Generator,
+        stop_at_eos: bool,
     ) -> tuple[list[int], np.ndarray | None]:
-        """``n`` drafted ids and, when sampling, their distributions ``[n, V]``."""
+        """``n`` drafted ids (fewer when one is an end-of-sequence token that ends the
+        generation) and, when sampling, their distributions ``[n, V]``."""
         tokens, probs = [], []
         tok = last
         for _ in range(n):
@@ -169,8 +202,8 @@ class SpeculativeDecoder:
                 probs.append(q)
                 tok = sample(q, rng)
             tokens.append(tok)
-            if tok in self.backend.eos_token_ids:
-                break  # nothing after an end-of-sequence token can be accepted usefully
+            if stop_at_eos and tok in self.backend.eos_token_ids:
+                break  # the generation would end here: nothing after it is kept
         return tokens, (np.stack(probs) if probs else None)
 
     def _round(
@@ -182,21 +215,27 @@ class SpeculativeDecoder:
         rng: np.random.Generator,
         res: GenerationResult,
         capture: bool,
+        stop_at_eos: bool,
     ) -> list[int]:
-        """One draft/verify round (or autoregressive step); returns the new tokens."""
+        """One draft/verify round (or autoregressive step); returns the new tokens.
+
+        ``budget``: tokens the generation may still add (>= 1); ``capture``: keep the verify
+        forward's hidden states for the block oracle.
+        """
         p0 = self.backend.length
         d = min(plan.draft_length, budget - 1)
         t0 = self.clock()
-        drafts, q = self._draft(last, plan, d, sp, rng) if d > 0 else ([], None)
+        drafts, q = self._draft(last, plan, d, sp, rng, stop_at_eos) if d > 0 else ([], None)
         t1 = self.clock()
         self.backend.rollback(p0)
         logits = self.backend.forward([last, *drafts], None, capture=capture)  # [k+1, V]
         if sp.greedy:
             n, nxt = greedy_verify(np.asarray(drafts, dtype=np.int64), logits)
-        else:
+        elif drafts:
             p = probabilities(logits, sp)  # [k+1, V]
-            n, nxt = (rejection_verify(np.asarray(drafts), q, p, rng) if drafts
-                      else (0, select(logits[0], sp, rng)))
+            n, nxt = rejection_verify(np.asarray(drafts), q, p, rng)
+        else:  # a plain step needs one sample, not the target distributions of every row
+            n, nxt = 0, select(logits[0], sp, rng)
         self.backend.rollback(p0 + n + 1)
         res.draft_seconds += t1 - t0
         res.verify_seconds += self.clock() - t1
@@ -220,7 +259,10 @@ class SpeculativeDecoder:
         Args:
             prompt: ``[P]`` token ids (already through the chat template if wanted).
             config: generation settings (default ``GenerationConfig()``).
-            on_token: streaming callback, called with each batch of new token ids.
+            on_token: streaming callback, called with each batch of new token ids.  With stop
+                strings a token is passed on only once no stop string can drop it (the rule
+                is in ``knapspec.stop_strings``), so the batches add up to ``result.tokens``.
+                Time spent in the callback counts in none of the result's timings.
         """
         cfg = config or GenerationConfig()
         be = self.backend
@@ -235,45 +277,91 @@ class SpeculativeDecoder:
         rng = np.random.default_rng(cfg.seed)
         res = GenerationResult(tokens=[], text="", prompt_tokens=len(prompt))
         self.planner.reset()
+        loop = self._start_loop(prompt, cfg)
 
         t_start = self.clock()
-        last_logits = be.prefill(prompt, capture=self.planner.needs_oracle)  # [V]
+        capture = loop.has_oracle and self.planner.wants_oracle(len(prompt))
+        last_logits = be.prefill(prompt, capture=capture)  # [V]
+        loop.capture_streak = loop.window if capture else 0  # the prefill covers the window
         t_prefill = self.clock()
         res.prefill_seconds = t_prefill - t_start
         last = select(last_logits, sp, rng)
         new = [last]
-        plan: DraftPlan | None = None
         rounds_since_plan = cfg.replan_interval  # plan before the first round
         while True:
             start = len(res.tokens)
             res.tokens.extend(new)
-            if self._stopped(res, cfg, start):
-                if on_token and len(res.tokens) > start:
-                    on_token(res.tokens[start:])
+            done = self._stopped(res, cfg, start, loop.scan)
+            self._stream(res, loop, on_token, done)
+            if done:
                 break
-            if on_token:
-                on_token(new)
             if rounds_since_plan >= cfg.replan_interval:
-                plan = self._plan(plan, cfg, res)
+                loop.plan = self._plan(loop, cfg, res)
                 rounds_since_plan = 0
+            capture = self._capture_round(loop, cfg.replan_interval - rounds_since_plan)
             budget = min(cfg.max_new_tokens - len(res.tokens), be.max_context - be.length - 1)
-            capture = self.planner.needs_oracle  # ~140 KB per token: keep the window contiguous
-            new = self._round(last, plan, budget, sp, rng, res, capture)
+            loop.drafting_plan |= loop.plan.draft_length > 0
+            new = self._round(last, loop.plan, budget, sp, rng, res, capture, cfg.stop_at_eos)
+            loop.capture_streak = loop.capture_streak + 1 if capture else 0
             rounds_since_plan += 1
             last = new[-1]
-        res.decode_seconds = self.clock() - t_prefill
+        res.decode_seconds = self.clock() - t_prefill - loop.paused
+        res.plain_reason = self._plain_reason(res, loop)
         return res
 
-    def _plan(
-        self, current: DraftPlan | None, cfg: GenerationConfig, res: GenerationResult
-    ) -> DraftPlan:
+    def _start_loop(self, prompt: list[int], cfg: GenerationConfig) -> _Loop:
+        be = self.backend
+        has_oracle = type(be).block_oracle is not Backend.block_oracle
+        window = int(getattr(be, "capture_tokens", cfg.replan_interval))
+        scan = StopStringScanner(be.decode, cfg.stop) if cfg.stop else None
+        return _Loop(prompt, scan, has_oracle, window, min(window, cfg.replan_interval))
+
+    def _capture_round(self, loop: _Loop, rounds_left: int) -> bool:
+        """Whether the next round captures hidden states; ``rounds_left``: rounds until the
+        next plan, this one included.  Only the last ``loop.lead`` rounds can be read by the
+        next plan's oracle, and only if the planner says it may want the oracle then."""
+        if not loop.has_oracle or rounds_left > loop.lead:
+            return False
+        if rounds_left == loop.lead:  # the window opens: ask once per plan
+            loop.capture_next = self.planner.wants_oracle(self.backend.length)
+        return loop.capture_next
+
+    def _stream(
+        self,
+        res: GenerationResult,
+        loop: _Loop,
+        on_token: Callable[[list[int]], None] | None,
+        done: bool,
+    ) -> None:
+        """Pass on the tokens no stop string can drop any more (all of them once done),
+        keeping the callback's time out of the timings."""
+        if on_token is None:
+            return
+        upto = len(res.tokens) if done or loop.scan is None else loop.scan.safe_tokens()
+        if upto > loop.sent:
+            t0 = self.clock()
+            on_token(res.tokens[loop.sent : upto])
+            loop.paused += self.clock() - t0
+            loop.sent = upto
+
+    def _plan(self, loop: _Loop, cfg: GenerationConfig, res: GenerationResult) -> DraftPlan:
         t0 = self.clock()
+        be = self.backend
+        current = loop.plan
+        oracle = None
+        if loop.has_oracle:
+            if loop.capture_streak < loop.window and self.planner.wants_oracle(be.length):
+                # the planner changed its mind inside the window: compute what it reads now
+                self._recapture(loop.window, loop.prompt, res.tokens)
+                loop.capture_streak = loop.window
+            if loop.capture_streak >= loop.window:
+                oracle = be.block_oracle()
         ctx = PlanContext(
-            context=self.backend.length,
+            context=be.length,
             remaining_tokens=cfg.max_new_tokens - len(res.tokens),
             current_mask=None if current is None else current.mask,
-            switch_seconds=self.backend.switch_seconds,
-            oracle=self.backend.block_oracle() if self.planner.needs_oracle else None,
+            switch_price=be.switch_seconds,
+            oracle=oracle,
             generated=len(res.tokens),
         )
         plan = self.planner.plan(ctx)
@@ -286,10 +374,46 @@ class SpeculativeDecoder:
             log.info("plan at %d: d=%d skip %s", ctx.context, plan.draft_length, plan.describe())
         return plan
 
-    def _stopped(self, res: GenerationResult, cfg: GenerationConfig, start: int) -> bool:
-        """Trim ``res.tokens`` at a stop condition and set ``stop_reason``; True if done.
+    def _recapture(self, n: int, prompt: list[int], tokens: list[int]) -> None:
+        """Run the last ``n`` cached tokens again with the full model, capturing their states
+        (the cache holds the prompt and every generated token but the newest)."""
+        be = self.backend
+        cached = [*prompt, *tokens[:-1]]
+        if len(cached) != be.length:
+            raise KnapSpecError(
+                f"internal: the cache holds {be.length} tokens, the loop expected {len(cached)}"
+            )
+        k = min(n, be.length)
+        be.rollback(be.length - k)
+        be.forward(cached[len(cached) - k :], None, capture=True, all_logits=False)
 
-        ``start``: index of the first token added this round (earlier ones were checked).
+    def _plain_reason(self, res: GenerationResult, loop: _Loop) -> str | None:
+        """Why nothing was drafted (None when something was)."""
+        if res.drafted:
+            return None
+        if self.planner.name == "ar":
+            why = "the strategy is ar"
+        elif loop.drafting_plan or (loop.plan is None and res.stop_reason == "length"):
+            why = "the token budget left no room to draft"
+        elif loop.plan is not None:
+            why = loop.plan.reason or f"no draft pays at context {loop.plan.cost.context:.0f}"
+        else:
+            why = f"the first token ended the generation ({res.stop_reason})"
+        return f"plain decoding: {why}"
+
+    def _stopped(
+        self,
+        res: GenerationResult,
+        cfg: GenerationConfig,
+        start: int,
+        scan: StopStringScanner | None,
+    ) -> bool:
+        """Trim ``res.tokens`` at a stop condition, set ``text`` and ``stop_reason``; True if
+        done.
+
+        ``start``: index of the first token added this round (earlier ones were checked).  A
+        stop string keeps the tokens that cover the text before it, and ``text`` ends just
+        before it (the rule is in ``knapspec.stop_strings``).
         """
         be = self.backend
         if cfg.stop_at_eos:
@@ -301,18 +425,16 @@ class SpeculativeDecoder:
         if len(res.tokens) >= cfg.max_new_tokens:
             del res.tokens[cfg.max_new_tokens :]
             res.stop_reason = res.stop_reason or "length"
-        text = be.decode(res.tokens) if (cfg.stop or res.stop_reason) else ""
-        for s in cfg.stop:
-            k = text.find(s)
-            if k >= 0:
-                res.text = text[:k]
+        if scan is not None:
+            k = scan.extend(res.tokens)
+            if k is not None:
+                del res.tokens[scan.tokens_before(k) :]
+                res.text = scan.text[:k]
                 res.stop_reason = "stop"
                 return True
-        if res.stop_reason:
-            res.text = text
-            return True
-        if be.length + 1 >= be.max_context:
-            res.text = be.decode(res.tokens)
+        if not res.stop_reason and be.length + 1 >= be.max_context:
             res.stop_reason = "context"
+        if res.stop_reason:
+            res.text = be.decode(res.tokens)
             return True
         return False
