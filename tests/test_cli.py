@@ -80,3 +80,47 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert len(lines) == 1, out.stderr
     assert "Traceback" not in out.stderr
     assert message in lines[0]
+
+
+def _fake_session(monkeypatch, planner_name: str) -> None:
+    """``knapspec generate`` on the fake numpy model (no weights) with a named planner."""
+    from types import SimpleNamespace
+
+    from fake_backend import FakeBackend, fake_cost_model
+
+    import knapspec.runtime
+    from knapspec.decoding import SpeculativeDecoder
+    from knapspec.planner import AutoregressivePlanner, StaticPlanner
+
+    be = FakeBackend(vocab=24, n_layers=4)
+    planner = (AutoregressivePlanner(be.layout, fake_cost_model()) if planner_name == "ar"
+               else StaticPlanner(be.layout, fake_cost_model(), be.layout.mask_from_blocks([2]),
+                                  alpha=0.5, draft_length=3))
+    session = SimpleNamespace(backend=be, decoder=SpeculativeDecoder(be, planner))
+    monkeypatch.setattr(knapspec.runtime, "build_session_from_config",
+                        lambda *args, **kwargs: session)
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_generate_says_why_it_decoded_plainly(monkeypatch, capsys, json_out):
+    _fake_session(monkeypatch, "ar")
+    args = ["generate", "hello", "--strategy", "ar", "--max-new-tokens", "6"]
+    assert main([*args, "--json"] if json_out else args) == 0
+    out = capsys.readouterr()
+    if json_out:
+        assert json.loads(out.out)["plain_reason"] == "plain decoding: the strategy is ar"
+    else:
+        assert "plain decoding: the strategy is ar" in out.err
+        assert "acceptance" not in out.err
+
+
+def test_generate_text_streams_up_to_the_stop_string(monkeypatch, capsys):
+    _fake_session(monkeypatch, "fixed")
+    assert main(["generate", "hello", "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr()
+    full = out.out.rstrip("\n")
+    assert len(full) == 40 and "acceptance" in out.err and "plain decoding" not in out.err
+    stop = full[15:18]
+    assert main(["generate", "hello", "--max-new-tokens", "40", "--stop", stop]) == 0
+    out = capsys.readouterr()
+    assert out.out == full[: full.find(stop)] + "\n"  # nothing of the stop string shown

@@ -12,12 +12,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KnapSpecError
+from ..stop_strings import StopStringScanner
 from .common import add_backend_arguments, add_generation_arguments, add_planner_arguments
 
-__all__ = ["add_backend_arguments", "add_parser", "read_prompt", "run"]
+if TYPE_CHECKING:
+    from ..decoding import GenerationResult
+
+__all__ = ["add_backend_arguments", "add_parser", "read_prompt", "run", "summary_line"]
 
 
 def add_parser(sub: Any) -> None:
@@ -76,27 +80,34 @@ def run(args: argparse.Namespace) -> int:
         return 0
     printed = 0
     shown: list[int] = []
+    text = StopStringScanner(session.backend.decode, config.stop)  # decodes new tokens only
+    stop_at: int | None = None
 
     def stream(new: list[int]) -> None:
-        nonlocal printed
+        nonlocal printed, stop_at
         shown.extend(new)
-        text_so_far = session.backend.decode(shown)
-        # hold back text that might still turn out to be a stop string
-        safe = len(text_so_far) - max((len(s) for s in config.stop), default=0)
-        for s in config.stop:
-            k = text_so_far.find(s)
-            if k >= 0:
-                safe = min(safe, k)
+        found = text.extend(shown)
+        stop_at = found if stop_at is None else stop_at
+        # hold back text that might still turn out to be a stop string: the last streamed
+        # token may hold the start of one (the result's text ends before it)
+        safe = len(text.text) - text.longest
+        if stop_at is not None:
+            safe = min(safe, stop_at)
         if safe > printed:
-            sys.stdout.write(text_so_far[printed:safe])
+            sys.stdout.write(text.text[printed:safe])
             sys.stdout.flush()
             printed = safe
 
     result = session.decoder.generate(prompt, config, on_token=stream)
     sys.stdout.write(result.text[printed:] + "\n")
-    sys.stderr.write(
-        f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, "
-        f"acceptance {result.acceptance_rate:.2f}, "
-        f"{result.mean_accepted_length:.2f} tokens/step, stop: {result.stop_reason}]\n"
-    )
+    sys.stderr.write(summary_line(result) + "\n")
     return 0
+
+
+def summary_line(result: GenerationResult) -> str:
+    """The one line ``generate`` writes to stderr after the text: tokens, speed, and either
+    how drafting went or why the generation decoded plainly."""
+    how = result.plain_reason or (f"acceptance {result.acceptance_rate:.2f}, "
+                                  f"{result.mean_accepted_length:.2f} tokens/step")
+    return (f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, {how}, "
+            f"stop: {result.stop_reason}]")
