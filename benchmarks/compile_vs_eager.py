@@ -28,14 +28,15 @@ import time
 
 import torch
 
+from knapspec.backends.profiling import cached_profile
+from knapspec.backends.torch.blocks import attention_block, mlp_block
 from knapspec.backends.torch.compile import TorchCompileBackend, compile_counters
-from knapspec.backends.torch.eager import TorchEagerBackend, attention_block, mlp_block
+from knapspec.backends.torch.eager import TorchEagerBackend
+from knapspec.backends.torch.loading import load_torch_model
 from knapspec.benchmarking import make_prompts
 from knapspec.costmodels import load_cost_model
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
-from knapspec.backends.torch.loading import load_torch_model
 from knapspec.planner.factory import make_planner
-from knapspec.backends.profiling import cached_profile
 
 
 def load() -> str:
@@ -56,8 +57,7 @@ def share_prompt(src: TorchEagerBackend, dst: TorchEagerBackend, ids: list[int])
         dst.k_cache[:, :, :n] = src.k_cache[:, :, :n]
         dst.v_cache[:, :, :n] = src.v_cache[:, :, :n]
     dst.reset()
-    dst._length = n  # the cache now holds these full-model tokens
-    dst._ids = list(src.cached_tokens())
+    dst.cache.append(list(src.cached_tokens()), full=True)  # these full-model tokens
 
 
 def block_micro(eager: TorchEagerBackend, comp: TorchCompileBackend, context: int,

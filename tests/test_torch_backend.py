@@ -398,6 +398,106 @@ def test_oracle_distinguishes_candidates(qwen3):
         assert not torch.allclose(batched[0], batched[1])
 
 
+def test_oracle_states_stay_tensors_and_only_scores_are_numpy(qwen3, monkeypatch):
+    """States in and out of the oracle are tensors; ``similarity`` / ``agreement`` return
+    ``[S]`` numpy scores equal to ``knapspec.agreement`` on the full arrays, also when the
+    logits are computed in several chunks of candidates."""
+    import knapspec.backends.torch.oracle as orc
+    from knapspec import agreement
+
+    be = TorchEagerBackend.from_hf(qwen3, capture_tokens=6)
+    be.prefill(make_ids(50), capture=True)
+    oracle = be.block_oracle()
+    full = oracle.boundary_states()  # [2L+1, T, D]
+    gen = torch.Generator().manual_seed(5)
+    noisy = full[-1].unsqueeze(0) + 0.3 * torch.randn((4, *full.shape[1:]), generator=gen)
+    kept = oracle.apply_block(3, full[3:4].expand(2, -1, -1))
+    assert isinstance(kept, torch.Tensor)
+    states = oracle.concat([full[-1:], noisy, kept[np.array([1])]])  # numpy index, tensor out
+    assert isinstance(states, torch.Tensor) and tuple(states.shape) == (6, 6, 64)
+    states[0] = full[-1]  # results are ordinary tensors: planners may write into them
+
+    sim = oracle.similarity(states, 2 * N_LAYERS)
+    assert isinstance(sim, np.ndarray) and sim.shape == (6,)
+    ref = agreement.cosine(states.numpy(), full[-1].numpy()).mean(axis=-1)
+    np.testing.assert_allclose(sim, ref, atol=1e-6)
+    assert sim[0] == pytest.approx(1.0, abs=1e-6) and sim[1:5].max() < 1.0
+
+    logits = oracle.logits(states).numpy()  # [S, T, V]
+    full_logits = oracle.logits(full[-1:]).numpy()[0]  # [T, V]
+    top1 = oracle.agreement(states, "top1")
+    tv = oracle.agreement(states, "tv")
+    assert top1.shape == tv.shape == (6,) and top1[0] == 1.0 and tv[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(top1, agreement.top1_agreement(logits, full_logits))
+    np.testing.assert_allclose(tv, agreement.tv_acceptance(logits, full_logits), atol=1e-6)
+    monkeypatch.setattr(orc, "LOGIT_CHUNK", 4)  # 6 candidates in chunks of 4 and 2
+    np.testing.assert_allclose(oracle.agreement(states, "top1"), top1)
+    np.testing.assert_allclose(oracle.agreement(states, "tv"), tv, atol=1e-12)
+    with pytest.raises(KnapSpecError, match="proxy"):
+        oracle.agreement(states, "cosine")
+    with pytest.raises(KnapSpecError, match="boundary"):
+        oracle.similarity(states, 2 * N_LAYERS + 1)
+    with pytest.raises(KnapSpecError, match="shape"):
+        oracle.concat([full[0]])  # [T, D]: the candidate axis is missing
+
+
+# ----------------------------------------------------------------------------- hot path
+
+
+def test_a_skip_mask_is_validated_once_per_distinct_mask(backend, monkeypatch):
+    """Drafting runs the same mask every round: it is checked once, not on every forward,
+    and a different mask (or the same array changed in place) is checked again."""
+    calls = []
+    layout_cls = type(backend.layout)
+    validate = layout_cls.validate_mask
+    monkeypatch.setattr(layout_cls, "validate_mask",
+                        lambda self, m, **kw: calls.append(1) or validate(self, m, **kw))
+    backend.forward(make_ids(20))
+    mask = np.zeros(2 * N_LAYERS, bool)
+    mask[[2, 5]] = True
+    first = backend.forward([3], mask)
+    for _ in range(3):
+        backend.rollback(20)
+        again = backend.forward([3], mask)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again, first)
+    mask[5] = False  # same object, other content: validated and run as the new mask
+    backend.rollback(20)
+    changed = backend.forward([3], mask)
+    assert len(calls) == 2 and not np.array_equal(changed, first)
+    backend.forward([4], np.zeros(2 * N_LAYERS, bool))  # all False: the full model
+    assert backend.cached_tokens()[-1] == 4  # full-model KV, reusable by prompt caching
+    with pytest.raises(KnapSpecError, match="shape"):
+        backend.forward([1], mask[:-1])
+
+
+def test_forward_without_capture_keeps_no_hidden_states(backend, monkeypatch):
+    """``capture=False`` never takes the capturing path nor touches the captured window."""
+    import knapspec.backends.torch.eager as te
+
+    backend.prefill(make_ids(30), capture=True)
+    window = backend.block_oracle().boundary_states()
+    stores = []
+    monkeypatch.setattr(te.CaptureWindow, "store", lambda *a: stores.append(a))
+    monkeypatch.setattr(type(backend), "_forward_capture", lambda *a: pytest.fail("captured"))
+    backend.forward(make_ids(3, seed=2))  # verification of a plain-decoding round
+    backend.forward(make_ids(1, seed=3), all_logits=False)
+    assert not stores
+    assert backend.block_oracle().boundary_states() is window
+
+
+def test_capture_tokens_can_widen_the_window(qwen3):
+    """``capture_tokens`` is settable (the forced-plan sweep widens it) and is checked."""
+    be = TorchEagerBackend.from_hf(qwen3, capture_tokens=4)
+    be.capture_tokens = 10
+    be.prefill(make_ids(30), capture=True)
+    assert be.block_oracle().n_tokens == 10 and be.block_oracle().t0 == 20
+    with pytest.raises(KnapSpecError, match="capture_tokens"):
+        be.capture_tokens = 0
+    with pytest.raises(KnapSpecError, match="capture_tokens"):
+        TorchEagerBackend.from_hf(qwen3, capture_tokens=0)
+
+
 # ----------------------------------------------------------------------------- real model
 
 

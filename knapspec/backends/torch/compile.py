@@ -1,4 +1,4 @@
-"""The ``torch-compile`` backend: the eager backend's per-block functions under ``torch.compile``.
+"""The ``torch-compile`` backend: the per-block functions of ``blocks`` under ``torch.compile``.
 
 Everything but the block math is inherited from ``TorchEagerBackend`` (weights, KV cache,
 prompt caching, capture, block oracle).  The four callables of ``forward`` --
@@ -8,7 +8,7 @@ prompt caching, capture, block oracle).  The four callables of ``forward`` --
 * ``rms_norm``: the final norm,
 * ``lm_head``: the LM head (float32 logits),
 
--- are the same module-level pure functions as the eager backend's, each wrapped once per
+-- are the pure functions of ``blocks`` that the eager backend calls, each wrapped once per
 process by ``torch.compile`` (one set per ``(compile_mode, threads)``, shared by every
 instance) and held on the instance.  The skip mask only decides which compiled callables
 ``forward`` calls, so it never reaches a compiled graph and cannot cause a recompilation.
@@ -42,15 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ...errors import KnapSpecError
-from .eager import (
-    TorchEagerBackend,
-    attention_block,
-    lm_head,
-    mlp_block,
-    rms_norm,
-    torch,
-)
+from .blocks import attention_block, lm_head, mlp_block, rms_norm
+from .eager import TorchEagerBackend
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
