@@ -70,6 +70,10 @@ class GenerationConfig:
                 f"replan_interval must be a positive integer, got {self.replan_interval!r}"
             )
         SamplingParams(self.temperature, self.top_p)  # validates both
+        if not isinstance(self.stop, (tuple, list)) or any(not isinstance(s, str) or not s
+                                                           for s in self.stop):
+            raise KnapSpecError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # frozen: hashable and immutable
 
     @property
     def sampling(self) -> SamplingParams:
@@ -84,7 +88,7 @@ class GenerationResult:
     text: str  # decoded new tokens (cut before a matched stop string)
     prompt_tokens: int  # tokens in the prompt
     prefill_seconds: float = 0.0  # target prefill of the prompt (autoregressive pays it too)
-    decode_seconds: float = 0.0  # everything after prefill: draft, verify, plan, switch
+    decode_seconds: float = 0.0  # after prefill: draft, verify, plan, switch (not the callback)
     draft_seconds: float = 0.0  # draft steps
     verify_seconds: float = 0.0  # verification steps (and autoregressive steps)
     plan_seconds: float = 0.0  # planner calls

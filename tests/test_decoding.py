@@ -127,6 +127,8 @@ def test_bad_generation_input(prompt, cfg, match):
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"replan_interval": 0}, "replan_interval"),
+        ({"stop": ("",)}, "non-empty strings"),
+        ({"stop": "END"}, "list of non-empty strings"),
     ],
 )
 def test_bad_generation_config(kwargs, match):
