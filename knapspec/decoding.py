@@ -233,13 +233,13 @@ class SpeculativeDecoder:
         t1 = self.clock()
         self.backend.rollback(p0)
         logits = self.backend.forward([last, *drafts], None, capture=capture)  # [k+1, V]
-        if sp.greedy:
+        if not drafts:  # a plain step: one token from one row, no verification
+            n, nxt = 0, select(logits[0], sp, rng)
+        elif sp.greedy:
             n, nxt = greedy_verify(np.asarray(drafts, dtype=np.int64), logits)
-        elif drafts:
+        else:
             p = probabilities(logits, sp)  # [k+1, V]
             n, nxt = rejection_verify(np.asarray(drafts), q, p, rng)
-        else:  # a plain step needs one sample, not the target distributions of every row
-            n, nxt = 0, select(logits[0], sp, rng)
         self.backend.rollback(p0 + n + 1)
         res.draft_seconds += t1 - t0
         res.verify_seconds += self.clock() - t1
