@@ -164,11 +164,26 @@ class _Loop:
     window: int
     lead: int  # rounds before each plan that capture: min(window, replan_interval)
     capture_streak: int = 0  # rounds in a row, up to now, run with capture
+    held: int = 0  # positions the backend's window holds, ending at the newest cached token
     capture_next: bool = False  # the rounds before the next plan capture
     plan: DraftPlan | None = None  # the plan in use
     drafting_plan: bool = False  # some round ran under a plan with draft length >= 1
     sent: int = 0  # tokens passed to the streaming callback
     paused: float = 0.0  # seconds spent in the streaming callback
+
+    def captured(self, capture: bool, verified: int, kept: int) -> None:
+        """Account for a round that ran ``verified`` tokens through the full model (with
+        ``capture`` or not) and kept ``kept`` of them.
+
+        The backend's window keeps the last ``window`` captured positions when they are
+        stored, before the rollback drops the rejected ones; ``held`` follows that, so a
+        plan knows when rejections left the window empty.
+        """
+        self.capture_streak = self.capture_streak + 1 if capture else 0
+        if not capture:
+            self.held = 0  # what is captured no longer ends at the newest token
+        else:
+            self.held = max(0, min(self.held + verified, self.window) - (verified - kept))
 
 
 class SpeculativeDecoder:
@@ -287,6 +302,7 @@ class SpeculativeDecoder:
         capture = loop.has_oracle and self.planner.wants_oracle(len(prompt))
         last_logits = be.prefill(prompt, capture=capture)  # [V]
         loop.capture_streak = loop.window if capture else 0  # the prefill covers the window
+        loop.held = min(len(prompt), loop.window) if capture else 0
         t_prefill = self.clock()
         res.prefill_seconds = t_prefill - t_start
         last = select(last_logits, sp, rng)
@@ -305,8 +321,9 @@ class SpeculativeDecoder:
             capture = self._capture_round(loop, cfg.replan_interval - rounds_since_plan)
             budget = min(cfg.max_new_tokens - len(res.tokens), be.max_context - be.length - 1)
             loop.drafting_plan |= loop.plan.draft_length > 0
+            drafted = res.drafted
             new = self._round(last, loop.plan, budget, sp, rng, res, capture, cfg.stop_at_eos)
-            loop.capture_streak = loop.capture_streak + 1 if capture else 0
+            loop.captured(capture, res.drafted - drafted + 1, len(new))
             rounds_since_plan += 1
             last = new[-1]
         res.decode_seconds = self.clock() - t_prefill - loop.paused
@@ -354,11 +371,13 @@ class SpeculativeDecoder:
         current = loop.plan
         oracle = None
         if loop.has_oracle:
-            if loop.capture_streak < loop.window and self.planner.wants_oracle(be.length):
-                # the planner changed its mind inside the window: compute what it reads now
+            short = loop.capture_streak < loop.window or loop.held == 0
+            if short and self.planner.wants_oracle(be.length):
+                # the planner changed its mind inside the window, or rejected drafts emptied
+                # it: compute what it reads now
                 self._recapture(loop.window, loop.prompt, res.tokens)
-                loop.capture_streak = loop.window
-            if loop.capture_streak >= loop.window:
+                loop.capture_streak, loop.held = loop.window, min(loop.window, be.length)
+            if loop.capture_streak >= loop.window and loop.held > 0:
                 oracle = be.block_oracle()
         ctx = PlanContext(
             context=be.length,

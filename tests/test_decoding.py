@@ -11,7 +11,7 @@ from fake_backend import FakeBackend, fake_cost_model
 from knapspec import decoding
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
 from knapspec.errors import KnapSpecError
-from knapspec.planner import AutoregressivePlanner, StaticPlanner
+from knapspec.planner import AutoregressivePlanner, Planner, StaticPlanner
 from knapspec.sampling import SamplingParams, probabilities, rejection_verify
 
 
@@ -354,39 +354,69 @@ def test_plain_decoding_says_why(planner, cfg, reason):
 
 # ------------------------------------------------------------------ oracle capture
 class OracleBackend(FakeBackend):
-    """A fake backend with a block oracle: records which forwards capture."""
+    """A fake backend with a block oracle over a capture window that behaves as the torch
+    backend's: a capturing forward keeps its last ``capture_tokens`` positions, appended to
+    the window when contiguous with it (else replacing it); rollback drops positions."""
 
     capture_tokens = 4
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.captures: list[tuple[int, int, bool]] = []  # (position, tokens, capture) per full
+        self.window: list[int] = []  # captured positions
+
+    def reset(self) -> None:
+        super().reset()
+        self.window = []
+
+    def rollback(self, length: int) -> None:
+        super().rollback(length)
+        self.window = [p for p in self.window if p < length]
 
     def forward(self, tokens, mask=None, *, capture=False, all_logits=True):
+        first = self.length
         if mask is None or not np.asarray(mask).any():
-            self.captures.append((self.length, len(tokens), capture))
-        return super().forward(tokens, mask, capture=capture, all_logits=all_logits)
+            self.captures.append((first, len(tokens), capture))
+        out = super().forward(tokens, mask, capture=capture, all_logits=all_logits)
+        if capture:
+            end = first + len(tokens)
+            new = list(range(max(first, end - self.capture_tokens), end))
+            if self.window and self.window[-1] + 1 == new[0]:
+                new = self.window + new
+            self.window = new[-self.capture_tokens :]
+        return out
 
     def block_oracle(self):
-        return ("oracle", self.length)  # what the planner received, to check its window
+        if not self.window:
+            raise KnapSpecError("nothing captured")
+        return tuple(self.window)  # the positions the planner's oracle reads
 
 
-class GatedPlanner(AutoregressivePlanner):
-    """Plain decoding, with a model-in-the-loop gate: wants the oracle where ``wants`` says."""
+def _last(context: int, n: int = 4) -> tuple[int, ...]:
+    """The window an oracle should read at ``context``: the last ``n`` cached positions."""
+    return tuple(range(context - n, context))
+
+
+class GatedPlanner(Planner):
+    """Plans as ``inner`` (plain decoding by default), with a model-in-the-loop gate: wants
+    the oracle where ``wants`` says; records the oracle of every plan."""
 
     needs_oracle = True
 
-    def __init__(self, be: FakeBackend, wants) -> None:
-        super().__init__(be.layout, fake_cost_model())
+    def __init__(self, be: FakeBackend, wants, inner: Planner | None = None) -> None:
+        self.inner = inner or _ar(be)
+        self.name = self.inner.name
         self.wants = wants
         self.oracles: list[object] = []
+        self.contexts: list[int] = []
 
     def wants_oracle(self, context: int) -> bool:
         return self.wants(context)
 
     def plan(self, ctx):
         self.oracles.append(ctx.oracle)
-        return super().plan(ctx)
+        self.contexts.append(ctx.context)
+        return self.inner.plan(ctx)
 
 
 def test_no_capture_when_the_planner_never_wants_the_oracle():
@@ -412,7 +442,7 @@ def test_capture_only_in_the_rounds_the_oracle_reads():
     steps = flags[1:]
     assert steps == ([False] * 6 + [True] * 4) * 3 + [False] * 6 + [True] * 3
     # each plan got the oracle over the newest cached tokens
-    assert planner.oracles == [("oracle", 3 + i) for i in (0, 10, 20, 30)]
+    assert planner.oracles == [_last(3, 3), _last(13), _last(23), _last(33)]
 
 
 def test_a_planner_that_changes_its_mind_gets_the_same_window():
@@ -426,4 +456,24 @@ def test_a_planner_that_changes_its_mind_gets_the_same_window():
     # its 4 tokens are run again with capture, once, just before that plan
     again = [(pos, n) for pos, n, c in be.captures if n > 1 and pos > 0]
     assert again == [(19, 4)]
-    assert planner.oracles == [None, None, ("oracle", 23), ("oracle", 33)]
+    assert planner.oracles == [None, None, _last(23), _last(33)]
+
+
+@pytest.mark.parametrize("d", [2, 6])
+def test_every_plan_gets_a_window_ending_at_the_newest_token(d):
+    """Drafting rounds verify d + 1 tokens and keep fewer.  The window keeps its last
+    capture_tokens positions before the rollback, so rejections shorten it (as they always
+    did), and with d + 1 > capture_tokens an early rejection empties it: then the plan gets
+    the window recomputed, not an error."""
+    be = OracleBackend(vocab=24, n_layers=4)
+    planner = GatedPlanner(be, lambda context: True, _static(be, [2, 3], d))
+    prompt = [1, 2, 3]
+    res = SpeculativeDecoder(be, planner).generate(prompt, GenerationConfig(150, replan_interval=5))
+    assert res.drafted > 0 and res.accepted < res.drafted
+    for context, window in zip(planner.contexts, planner.oracles, strict=True):
+        assert window is not None and window[-1] == context - 1
+        assert window == tuple(range(window[0], context)) and len(window) <= 4
+    again = [(pos, n) for pos, n, c in be.captures if c and n == 4]  # recomputed windows
+    assert (len(again) > 0) == (d + 1 > be.capture_tokens)
+    ref = SpeculativeDecoder(be, _ar(be)).generate(prompt, GenerationConfig(150))
+    assert res.tokens == ref.tokens
