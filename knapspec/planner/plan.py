@@ -136,12 +136,7 @@ def select_plan(
         raise KnapSpecError(
             f"masks must be [K, 2L] and alphas [K]; got {masks.shape} and {alphas.shape}"
         )
-    if np.ndim(max_draft_length) == 0:
-        d = np.arange(1, int(max_draft_length) + 1)  # [D]
-    else:
-        d = np.asarray(max_draft_length, dtype=np.int64)  # [D]
-    if d.size == 0 or d.min() < 1:
-        raise KnapSpecError(f"draft lengths must be >= 1, got {max_draft_length!r}")
+    d = _draft_lengths(max_draft_length)  # [D]
     if force and masks.shape[0] == 0:
         raise KnapSpecError("force=True needs at least one candidate mask")
     n_layers = masks.shape[1] // 2
@@ -167,25 +162,8 @@ def select_plan(
             tpt = remaining_tokens / (remaining_tokens / tpt + switch[:, None])
     best = np.unravel_index(np.argmax(tpt), tpt.shape) if tpt.size else None
     if best is None or not (force or tpt[best] > ar_tpt * (1.0 + min_gain)):
-        cost = CostBreakdown(
-            context=float(context),
-            draft_step_seconds=ar_step,
-            verify_seconds=ar_step,
-            round_seconds=ar_step,
-            expected_tokens=1.0,
-            ar_step_seconds=ar_step,
-            attn_skipped_seconds=0.0,
-            mlp_skipped_seconds=0.0,
-        )
-        return DraftPlan(
-            mask=np.zeros(2 * n_layers, dtype=bool),
-            draft_length=0,
-            alpha=1.0,
-            tokens_per_second=ar_tpt,
-            cost=cost,
-            strategy=strategy,
-            reason=_plain_reason(masks.shape[0], cost_model, context),
-        )
+        return _autoregressive_plan(n_layers, context, ar_step, strategy,
+                                    _plain_reason(masks.shape[0], cost_model, context))
     k, j = int(best[0]), int(best[1])
     mask = masks[k].copy()
     cost = CostBreakdown(
@@ -206,6 +184,42 @@ def select_plan(
         tokens_per_second=float(tpt[k, j]),
         cost=cost,
         strategy=strategy,
+    )
+
+
+def _draft_lengths(max_draft_length: int | Sequence[int]) -> np.ndarray:
+    """``[D]`` draft lengths to consider: ``1..max_draft_length``, or the given ones."""
+    if np.ndim(max_draft_length) == 0:
+        d = np.arange(1, int(max_draft_length) + 1)
+    else:
+        d = np.asarray(max_draft_length, dtype=np.int64)
+    if d.size == 0 or d.min() < 1:
+        raise KnapSpecError(f"draft lengths must be >= 1, got {max_draft_length!r}")
+    return d
+
+
+def _autoregressive_plan(
+    n_layers: int, context: float, ar_step: float, strategy: str, reason: str
+) -> DraftPlan:
+    """The plain-decoding plan: one full step (``ar_step`` seconds) per token."""
+    cost = CostBreakdown(
+        context=float(context),
+        draft_step_seconds=ar_step,
+        verify_seconds=ar_step,
+        round_seconds=ar_step,
+        expected_tokens=1.0,
+        ar_step_seconds=ar_step,
+        attn_skipped_seconds=0.0,
+        mlp_skipped_seconds=0.0,
+    )
+    return DraftPlan(
+        mask=np.zeros(2 * n_layers, dtype=bool),
+        draft_length=0,
+        alpha=1.0,
+        tokens_per_second=1.0 / ar_step,
+        cost=cost,
+        strategy=strategy,
+        reason=reason,
     )
 
 
