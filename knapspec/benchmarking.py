@@ -30,6 +30,7 @@ from .errors import KnapSpecError
 from .planner.factory import make_planner
 from .planner.plan import select_plan
 from .planner.planners import Planner, StaticPlanner
+from .simulate import AcceptanceSimulator
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ class RunStats:
     new_tokens: int = 0
     identical_to_ar: bool | None = None
     plans: list[dict[str, Any]] = field(default_factory=list)
+    timing_only: bool = False  # the tokens are not a real model's (see timing_only_reason)
+    timing_only_reason: str | None = None
+    simulated_acceptance: str | None = None  # the --simulate-acceptance spec, if any
 
 
 def strategy_stats(
@@ -135,6 +139,9 @@ def strategy_stats(
         new_tokens=r0.new_tokens,
         identical_to_ar=None if reference is None else all(r.tokens == reference for r in results),
         plans=r0.plan_history,
+        timing_only=r0.timing_only,
+        timing_only_reason=r0.timing_only_reason,
+        simulated_acceptance=r0.simulated_acceptance,
     )
 
 
@@ -247,6 +254,7 @@ def benchmark(
     progress: Callable[[str], None] | None = None, peer_repeats: int = 1,
     planner_factory: Callable[[str], Planner] | None = None,
     generation: GenerationConfig | None = None,
+    simulator: AcceptanceSimulator | None = None,
 ) -> list[dict[str, Any]]:
     """Every strategy and peer on every prompt; rows with speedups over same-prompt AR.
 
@@ -254,6 +262,8 @@ def benchmark(
     backend's layout, ``cost_model`` and ``max_draft_length``); ``generation`` supplies
     sampling and re-plan settings (``max_new_tokens`` and ``stop_at_eos=False`` win).  With
     sampling, ``identical_to_ar`` is ``None``: sampled outputs are not expected to match.
+    ``simulator``: draw accepted drafts instead of verifying them (``knapspec.simulate``);
+    rows are then ``timing_only`` and ``identical_to_ar`` is ``None``.
     """
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
     if generation is not None:
@@ -265,7 +275,8 @@ def benchmark(
     rows: list[dict[str, Any]] = []
     order = ["ar", *[s for s in strategies if s != "ar"]]
     for prompt in prompts:
-        decoders = {s: SpeculativeDecoder(backend, planner_factory(s)) for s in order}
+        decoders = {s: SpeculativeDecoder(backend, planner_factory(s), simulator=simulator)
+                    for s in order}
         for dec in decoders.values():  # warm-up: JIT, oracle paths, allocations (untimed)
             dec.generate(prompt.ids, dataclasses.replace(config, max_new_tokens=12))
         results: dict[str, list[Any]] = {s: [] for s in order}
@@ -274,7 +285,8 @@ def benchmark(
                 if progress:
                     progress(f"{prompt.name} ctx={len(prompt.ids)} repeat {r + 1} {s}")
                 results[s].append(dec.generate(prompt.ids, config))
-        reference = results["ar"][0].tokens if config.sampling.greedy else None
+        real = config.sampling.greedy and not results["ar"][0].timing_only
+        reference = results["ar"][0].tokens if real else None
         ar_tps = statistics.median(x.tokens_per_second for x in results["ar"])
         for s in order:
             stats = strategy_stats(s, prompt, results[s], reference)
@@ -321,6 +333,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "mean_accepted_length": med("mean_accepted_length"), "plan_share": med("plan_share"),
             "draft_share": med("draft_share"), "verify_share": med("verify_share"),
             "identical_to_ar": all(same) if same else None,
+            "timing_only": any(r.get("timing_only", False) for r in sel),
+            "timing_only_reason": "; ".join(dict.fromkeys(
+                r["timing_only_reason"] for r in sel if r.get("timing_only_reason"))) or None,
         })
         out.append(entry)
     if backends != [None]:
@@ -369,7 +384,20 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
             f"| {s['context']} ({s['prompt_tokens']:.0f}) | {backend}{s['strategy']} | "
             f"{s['tokens_per_second']:.2f} | {s['speedup']:.3f}x | {cross}{stats} {same} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + timing_only_note(summary)
+
+
+def timing_only_note(rows: Sequence[dict[str, Any]]) -> str:
+    """``""`` when every row (or summary row) is a real model's output; else lines, each
+    after a newline, saying the results are timing-only and why (one per distinct reason).
+    """
+    reasons = dict.fromkeys(r.get("timing_only_reason") or "not a real model's output"
+                            for r in rows if r.get("timing_only"))
+    if not reasons:
+        return ""
+    head = ("\ntiming-only: the timings hold; the tokens, acceptance and tokens/step say "
+            "nothing about a model's output")
+    return head + "".join(f"\ntiming-only: {why}" for why in reasons)
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -378,6 +406,7 @@ def sweep(
     skip_counts: Sequence[int] = (4, 8, 12, 16, 24, 32),
     draft_lengths: Sequence[int] = (1, 2, 3, 4),
     progress: Callable[[str], None] | None = None,
+    simulator: AcceptanceSimulator | None = None,
 ) -> list[dict[str, Any]]:
     """Force plans (skip budgets x draft lengths, plus autoregressive) and compare predicted
     with measured tokens/s.
@@ -389,6 +418,10 @@ def sweep(
     a block oracle (llama.cpp) blocks are ranked by the prior fidelity profile and the
     agreement is measured through ``forward`` (``forward_alphas``).  Each point also
     carries ``prior_alpha``, the prior profile's prediction, to compare the two signals.
+
+    With ``simulator`` each round's accepted drafts are drawn at ``simulated_alpha`` (the
+    simulator's acceptance for the point's ``predicted_alpha``), and ``predicted_tps`` is
+    the cost model's at that acceptance: the points then test the cost model alone.
     """
     from .planner.oracle_planners import mask_alphas, oracle_block_scores
 
@@ -414,6 +447,7 @@ def sweep(
 
     prior = default_block_scores(be.layout.n_layers)  # what a planner without block access uses
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    sim_alpha = simulator.alpha_for if simulator is not None else float
     points = []
     plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0)]
     plans += [(m, d, a) for m, a in zip(masks, alphas, strict=True) for d in draft_lengths]
@@ -426,9 +460,9 @@ def sweep(
             predicted = 1.0 / cost_model.full_step_seconds(be.layout.n_layers, ctx, 1)
         else:
             planner = StaticPlanner(be.layout, cost_model, mask, alpha=a, draft_length=d)
-            predicted = select_plan(mask[None], [a], cost_model, ctx, [d],
+            predicted = select_plan(mask[None], [sim_alpha(a)], cost_model, ctx, [d],
                                     force=True).tokens_per_second
-        dec = SpeculativeDecoder(be, planner)
+        dec = SpeculativeDecoder(be, planner, simulator=simulator)
         # untimed warm-up: a backend's one-off mask switch (llama.cpp: loading the draft)
         # is not part of the steady-state speed this point predicts
         dec.generate(prompt.ids, dataclasses.replace(config, max_new_tokens=8))
@@ -439,6 +473,9 @@ def sweep(
             "predicted_alpha": a, "measured_alpha": res.acceptance_rate if d else 1.0,
             "prior_alpha": additive_alpha(prior[mask]) if d else 1.0,
             "predicted_tps": predicted, "measured_tps": res.tokens_per_second,
+            "simulated_alpha": sim_alpha(a) if d and simulator is not None else None,
+            "timing_only": res.timing_only, "timing_only_reason": res.timing_only_reason,
+            "simulated_acceptance": res.simulated_acceptance,
         })
     return points
 

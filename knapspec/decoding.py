@@ -8,9 +8,12 @@ the KV cache, at position ``p0 = backend.length``)::
     accept: greedy match or rejection sampling            -> n accepted + 1 next token
     keep:   roll back to p0 + n + 1 (last and the accepted drafts are now cached)
 
-``d = 0`` is a plain autoregressive step.  Every ``replan_interval`` rounds the planner is
-asked again, with the context length, the tokens left and (for model-in-the-loop
-planners) the backend's block oracle over the last verified tokens.  Planning time is part
+Drafting and verification are the backend's ``draft`` and ``verify`` (so a backend on an
+accelerator keeps token selection on its device); the loop owns the cache positions, the
+rollbacks and everything else.  ``d = 0`` is a plain autoregressive step.  Every
+``replan_interval`` rounds the planner is asked again, with the context length, the tokens
+left and (for model-in-the-loop planners) the backend's block oracle over the last verified
+tokens.  Planning time is part
 of ``decode_seconds``; the time of the caller's streaming callback is not part of any timing.
 
 Hidden-state capture for the oracle is paid only where a plan reads it: the full-model
@@ -19,6 +22,10 @@ forwards of the last ``capture window`` rounds before a plan (the backend's
 and only when ``Planner.wants_oracle`` says that plan may use the oracle.  Should the answer
 change inside the window, the window's tokens are recomputed once with capture, so the
 oracle always sees the same tokens: the last ``capture_tokens`` cached ones.
+
+With an ``AcceptanceSimulator`` (``knapspec.simulate``) the number of drafts each round keeps
+is drawn from the plan's acceptance instead of decided by the target (timing only: the
+results say so); without one, the loop is lossless and pays nothing for the option.
 """
 
 from __future__ import annotations
@@ -35,14 +42,8 @@ from .backends.base import Backend
 from .errors import KnapSpecError
 from .planner.plan import DraftPlan
 from .planner.planners import PlanContext, Planner
-from .sampling import (
-    SamplingParams,
-    greedy_verify,
-    probabilities,
-    rejection_verify,
-    sample,
-    select,
-)
+from .sampling import SamplingParams, select
+from .simulate import AcceptanceSimulator
 from .stop_strings import StopStringScanner
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class GenerationResult:
     # why nothing was drafted, e.g. "no draft pays at context 46 on the measured profile";
     # None when something was drafted
     plain_reason: str | None = None
+    # the tokens are not a real model's output (simulated acceptance, random weights): the
+    # timings hold, the text and the acceptance statistics say nothing about a model
+    timing_only: bool = False
+    timing_only_reason: str | None = None  # why, when timing_only
+    simulated_acceptance: str | None = None  # the simulator's spec, e.g. "0.9xpredicted"
 
     @property
     def new_tokens(self) -> int:
@@ -143,6 +149,9 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
             "plan_history": self.plan_history,
             "plain_reason": self.plain_reason,
+            "timing_only": self.timing_only,
+            "timing_only_reason": self.timing_only_reason,
+            "simulated_acceptance": self.simulated_acceptance,
         }
 
 
@@ -166,6 +175,8 @@ class _Loop:
     capture_streak: int = 0  # rounds in a row, up to now, run with capture
     held: int = 0  # positions the backend's window holds, ending at the newest cached token
     capture_next: bool = False  # the rounds before the next plan capture
+    stop_ids: frozenset[int] = frozenset()  # drafted ids that end drafting (EOS if it stops)
+    sim_rng: np.random.Generator | None = None  # the simulator's draws (None: lossless)
     plan: DraftPlan | None = None  # the plan in use
     drafting_plan: bool = False  # some round ran under a plan with draft length >= 1
     sent: int = 0  # tokens passed to the streaming callback
@@ -189,8 +200,9 @@ class _Loop:
 class SpeculativeDecoder:
     """Runs generations on a backend under a planner.
 
-    Components are injected: the backend (model runner), the planner, and a ``clock``
-    (seconds; tests may inject a fake one).
+    Components are injected: the backend (model runner), the planner, a ``clock``
+    (seconds; tests may inject a fake one) and optionally a ``simulator`` that draws each
+    round's accepted drafts (timing only, see ``knapspec.simulate``).
     """
 
     def __init__(
@@ -198,64 +210,42 @@ class SpeculativeDecoder:
         backend: Backend,
         planner: Planner,
         clock: Callable[[], float] = time.perf_counter,
+        simulator: AcceptanceSimulator | None = None,
     ) -> None:
         self.backend = backend
         self.planner = planner
         self.clock = clock
+        self.simulator = simulator
 
     # ---------------------------------------------------------------- one round
-    def _draft(
-        self, last: int, plan: DraftPlan, n: int, sp: SamplingParams, rng: np.random.Generator,
-        stop_at_eos: bool,
-    ) -> tuple[list[int], np.ndarray | None]:
-        """``n`` drafted ids (fewer when one is an end-of-sequence token that ends the
-        generation) and, when sampling, their distributions ``[n, V]``."""
-        tokens, probs = [], []
-        tok = last
-        for _ in range(n):
-            logits = self.backend.forward([tok], plan.mask, all_logits=False)[-1]  # [V]
-            if sp.greedy:
-                tok = int(np.argmax(logits))
-            else:
-                q = probabilities(logits, sp)
-                probs.append(q)
-                tok = sample(q, rng)
-            tokens.append(tok)
-            if stop_at_eos and tok in self.backend.eos_token_ids:
-                break  # the generation would end here: nothing after it is kept
-        return tokens, (np.stack(probs) if probs else None)
-
     def _round(
         self,
         last: int,
-        plan: DraftPlan,
+        loop: _Loop,
         budget: int,
         sp: SamplingParams,
         rng: np.random.Generator,
         res: GenerationResult,
         capture: bool,
-        stop_at_eos: bool,
     ) -> list[int]:
-        """One draft/verify round (or autoregressive step); returns the new tokens.
+        """One draft/verify round (or autoregressive step) under ``loop.plan``; returns the
+        new tokens.
 
         ``budget``: tokens the generation may still add (>= 1); ``capture``: keep the verify
         forward's hidden states for the block oracle.
         """
-        p0 = self.backend.length
+        be, plan = self.backend, loop.plan
+        p0 = be.length
         d = min(plan.draft_length, budget - 1)
         t0 = self.clock()
-        drafts, q = self._draft(last, plan, d, sp, rng, stop_at_eos) if d > 0 else ([], None)
+        drafts, q = be.draft(last, plan.mask, d, sp, rng, loop.stop_ids) if d > 0 else ([], None)
         t1 = self.clock()
-        self.backend.rollback(p0)
-        logits = self.backend.forward([last, *drafts], None, capture=capture)  # [k+1, V]
-        if not drafts:  # a plain step: one token from one row, no verification
-            n, nxt = 0, select(logits[0], sp, rng)
-        elif sp.greedy:
-            n, nxt = greedy_verify(np.asarray(drafts, dtype=np.int64), logits)
-        else:
-            p = probabilities(logits, sp)  # [k+1, V]
-            n, nxt = rejection_verify(np.asarray(drafts), q, p, rng)
-        self.backend.rollback(p0 + n + 1)
+        be.rollback(p0)
+        accept = None
+        if loop.sim_rng is not None and drafts:
+            accept = self.simulator.draw(plan.alpha, len(drafts), loop.sim_rng)
+        n, nxt = be.verify(last, drafts, q, sp, rng, capture=capture, accept=accept)
+        be.rollback(p0 + n + 1)
         res.draft_seconds += t1 - t0
         res.verify_seconds += self.clock() - t1
         if drafts:
@@ -295,6 +285,7 @@ class SpeculativeDecoder:
         sp = cfg.sampling
         rng = np.random.default_rng(cfg.seed)
         res = GenerationResult(tokens=[], text="", prompt_tokens=len(prompt))
+        self._flag_timing_only(res)
         self.planner.reset()
         loop = self._start_loop(prompt, cfg)
 
@@ -322,7 +313,7 @@ class SpeculativeDecoder:
             budget = min(cfg.max_new_tokens - len(res.tokens), be.max_context - be.length - 1)
             loop.drafting_plan |= loop.plan.draft_length > 0
             drafted = res.drafted
-            new = self._round(last, loop.plan, budget, sp, rng, res, capture, cfg.stop_at_eos)
+            new = self._round(last, loop, budget, sp, rng, res, capture)
             loop.captured(capture, res.drafted - drafted + 1, len(new))
             rounds_since_plan += 1
             last = new[-1]
@@ -335,7 +326,22 @@ class SpeculativeDecoder:
         has_oracle = type(be).block_oracle is not Backend.block_oracle
         window = int(getattr(be, "capture_tokens", cfg.replan_interval))
         scan = StopStringScanner(be.decode, cfg.stop) if cfg.stop else None
-        return _Loop(prompt, scan, has_oracle, window, min(window, cfg.replan_interval))
+        loop = _Loop(prompt, scan, has_oracle, window, min(window, cfg.replan_interval))
+        loop.stop_ids = be.eos_token_ids if cfg.stop_at_eos else frozenset()
+        loop.sim_rng = None if self.simulator is None else self.simulator.generator()
+        return loop
+
+    def _flag_timing_only(self, res: GenerationResult) -> None:
+        """Flag a result whose tokens are not a real model's: simulated acceptance, or a
+        backend that says so (``Backend.timing_only_reason``, e.g. random weights)."""
+        reasons = [getattr(self.backend, "timing_only_reason", None)]
+        if self.simulator is not None:
+            res.simulated_acceptance = self.simulator.spec
+            reasons.append(self.simulator.reason)
+        reasons = [r for r in reasons if r]
+        if reasons:
+            res.timing_only = True
+            res.timing_only_reason = "; ".join(reasons)
 
     def _capture_round(self, loop: _Loop, rounds_left: int) -> bool:
         """Whether the next round captures hidden states; ``rounds_left``: rounds until the

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fake_backend import FakeBackend, fake_cost_model
 
-from knapspec import decoding
+from knapspec.backends import base
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
 from knapspec.errors import KnapSpecError
 from knapspec.planner import AutoregressivePlanner, Planner, StaticPlanner
@@ -179,7 +179,7 @@ def test_speculative_sampling_preserves_target_distribution(top_p, monkeypatch):
         rounds.append((len(drafts), n))
         return n, nxt
 
-    monkeypatch.setattr(decoding, "rejection_verify", spy)
+    monkeypatch.setattr(base, "rejection_verify", spy)  # the default Backend.verify's
     dec = SpeculativeDecoder(be, _static(be, [2, 3], 3))
     n = 5000
     counts = np.zeros_like(joint)
@@ -309,13 +309,13 @@ def test_streaming_callback_time_is_not_generation_time():
 
 def test_plain_sampling_steps_compute_no_target_distributions(monkeypatch):
     shapes: list[tuple[int, ...]] = []
-    real = decoding.probabilities
+    real = base.probabilities
 
     def spy(logits, sp):
         shapes.append(np.shape(logits))
         return real(logits, sp)
 
-    monkeypatch.setattr(decoding, "probabilities", spy)
+    monkeypatch.setattr(base, "probabilities", spy)  # the default draft and verify's
     be = FakeBackend(vocab=24, n_layers=4)
     cfg = GenerationConfig(12, temperature=1.0, seed=0)
     res = SpeculativeDecoder(be, _ar(be)).generate([1, 2], cfg)

@@ -5,8 +5,13 @@ everything else: drafting, verification, acceptance, planning, stopping, statist
 Backends honour a skip mask; they never run the loop themselves.
 
 Shapes: ``n`` tokens per call, ``V`` vocabulary size, ``L`` layers (``2L`` blocks).
-Logits are returned as float32 numpy arrays ``[n, V]`` (the loop does token selection on
-the CPU; for a 49K vocabulary that costs microseconds).
+Logits are returned as float32 numpy arrays ``[n, V]``.
+
+One round of the loop goes through two methods, ``draft`` and ``verify``.  Their defaults
+here run ``forward`` and select tokens on the CPU with ``knapspec.sampling`` (for a 49K
+vocabulary that costs microseconds); a backend on an accelerator overrides them so that
+token selection, the comparison of drafts with the target and rejection sampling stay on
+its device and only the resulting ids cross to the host.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..blocks import BlockLayout
+from ..sampling import (
+    SamplingParams,
+    greedy_verify,
+    probabilities,
+    rejection_verify,
+    sample,
+    select,
+)
 from .profiling import profile_backend
 
 if TYPE_CHECKING:
@@ -34,6 +47,8 @@ class Backend(ABC):
         vocab_size: ``V``.
         max_context: most tokens the KV cache can hold.
         eos_token_ids: token ids that end a generation.
+        timing_only_reason: why this backend's outputs are not a real model's (e.g. random
+            weights), or ``None``; the loop flags every result ``timing_only`` with it.
     """
 
     name: str = ""
@@ -41,6 +56,7 @@ class Backend(ABC):
     vocab_size: int
     max_context: int
     eos_token_ids: frozenset[int]
+    timing_only_reason: str | None = None
 
     # ------------------------------------------------------------------ tokenizer
     @abstractmethod
@@ -89,6 +105,84 @@ class Backend(ABC):
         Returns:
             float32 ``[n, V]`` (or ``[1, V]``) logits.
         """
+
+    # ------------------------------------------------------------------ one round
+    def draft(
+        self,
+        last: int,
+        mask: np.ndarray,
+        n: int,
+        sampling: SamplingParams,
+        rng: np.random.Generator,
+        stop_ids: frozenset[int],
+    ) -> tuple[list[int], Any]:
+        """``n`` draft steps under ``mask``, starting from token ``last`` (not yet cached).
+
+        Each step appends one token to the cache (``n`` in all, fewer when a drafted id is in
+        ``stop_ids``: the generation would end there).  Greedy steps take the argmax; sampled
+        steps draw from the processed draft distribution ``q`` (temperature, top-p), with
+        ``rng``.
+
+        Returns:
+            ``(ids, q)``: the drafted ids (``k <= n``) and, when sampling, the draft
+            distributions in a form this backend's ``verify`` accepts (here float64 numpy
+            ``[k, V]``); ``None`` when greedy or ``k == 0``.
+        """
+        tokens: list[int] = []
+        probs = []
+        tok = last
+        for _ in range(n):
+            logits = self.forward([tok], mask, all_logits=False)[-1]  # [V]
+            if sampling.greedy:
+                tok = int(np.argmax(logits))
+            else:
+                q = probabilities(logits, sampling)  # [V]
+                probs.append(q)
+                tok = sample(q, rng)
+            tokens.append(tok)
+            if tok in stop_ids:
+                break  # the generation would end here: nothing after it is kept
+        return tokens, (np.stack(probs) if probs else None)
+
+    def verify(
+        self,
+        last: int,
+        drafts: list[int],
+        q: Any,
+        sampling: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        capture: bool = False,
+        accept: int | None = None,
+    ) -> tuple[int, int]:
+        """Run ``[last, *drafts]`` through the full model and decide how many drafts stand.
+
+        The cache grows by ``len(drafts) + 1`` positions (the caller rolls back to what it
+        keeps).  Greedy: the drafts that match the target's argmax, then the target's token
+        at the first mismatch (or the bonus token).  Sampling: rejection sampling of the
+        drafts against ``q`` (from ``draft``), with ``rng``.  No drafts: one plain step (one
+        row, no verification).
+
+        Args:
+            capture: keep the full model's hidden states for the block oracle.
+            accept: simulated acceptance (timing only): accept exactly
+                ``min(accept, len(drafts))`` drafts whatever the target says, and take the
+                next token from the target's row at that position (argmax when greedy, a
+                sample otherwise).
+
+        Returns:
+            ``(n_accepted, next_token)``.
+        """
+        logits = self.forward([last, *drafts], None, capture=capture)  # [k + 1, V]
+        if not drafts:  # a plain step: one token from one row
+            return 0, select(logits[0], sampling, rng)
+        if accept is not None:
+            n = min(int(accept), len(drafts))
+            return n, select(logits[n], sampling, rng)
+        if sampling.greedy:
+            return greedy_verify(np.asarray(drafts, dtype=np.int64), logits)
+        p = probabilities(logits, sampling)  # [k + 1, V]
+        return rejection_verify(np.asarray(drafts), q, p, rng)
 
     def cached_tokens(self) -> list[int | None] | None:
         """Token id at every cached position (``None`` where a draft wrote partial KV), or

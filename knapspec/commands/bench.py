@@ -6,6 +6,7 @@ Examples::
         --out results.json --plot bench.png
     knapspec bench --sweep --context-tokens 2000,6000 --json
     knapspec bench --config knapspec.toml --backends torch,torch-compile,llamacpp
+    knapspec bench --sweep --simulate-acceptance predicted --context-tokens 2000,6000
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="force plans (skip budgets x draft lengths) and report predicted vs "
                    "measured tokens/s")
+    p.add_argument("--simulate-acceptance", metavar="SPEC", default=None,
+                   help="timing only: run everything for real but draw each round's accepted "
+                   "drafts at the plan's predicted acceptance ('predicted'), a fixed one "
+                   "('0.7') or the prediction scaled ('0.9xpredicted'); seeded by "
+                   "generation.seed (default 0); results are flagged timing-only")
     p.add_argument("--out", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", metavar="FILE", default=None, help="write the table as markdown")
     p.add_argument("--plot", metavar="PNG", default=None, help="draw the results")
@@ -167,8 +173,20 @@ def _backend_configs(args: argparse.Namespace, config: Any, strategies: list[str
     return configs
 
 
+def _simulator(args: argparse.Namespace, config: Any) -> Any:
+    """The ``--simulate-acceptance`` simulator (``None`` without the option), checked before
+    any model loads."""
+    if args.simulate_acceptance is None:
+        return None
+    from ..simulate import parse_simulate_acceptance
+
+    seed = config.generation.seed
+    return parse_simulate_acceptance(args.simulate_acceptance, 0 if seed is None else seed)
+
+
 def _run_backend(
-    args: argparse.Namespace, config: Any, strategies: list[str], contexts: list[int]
+    args: argparse.Namespace, config: Any, strategies: list[str], contexts: list[int],
+    simulator: Any = None,
 ) -> dict[str, Any]:
     """Build one backend, benchmark (or sweep) it, release it; rows carry its name."""
     from ..benchmarking import benchmark, make_prompts, peers_for, sweep
@@ -186,7 +204,8 @@ def _run_backend(
             points = []
             for c in contexts:
                 points += sweep(backend, cost_model, _sweep_prompt(args, backend, c),
-                                config.generation.max_new_tokens, progress=_progress)
+                                config.generation.max_new_tokens, progress=_progress,
+                                simulator=simulator)
             rows = [{"backend": name, **p} for p in points]
         else:
             prompts = make_prompts(backend, contexts, args.prompts,
@@ -199,7 +218,7 @@ def _run_backend(
                 peer_repeats=args.peer_repeats,
                 planner_factory=lambda s: (make_planner(s, layout, cost_model) if s == "ar"
                                            else config_planner(config, layout, cost_model, s)),
-                generation=config.generation_config(),
+                generation=config.generation_config(), simulator=simulator,
             )
             rows = [{"backend": name, **r} for r in rows]
         warmup = getattr(backend, "warmup_seconds", None)
@@ -215,7 +234,7 @@ def _run_backend(
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text, check_writable
-    from ..benchmarking import markdown_table, pearson, summarize
+    from ..benchmarking import markdown_table, pearson, summarize, timing_only_note
     from .common import load_config
 
     for path in (args.out, args.markdown, args.plot):
@@ -226,15 +245,18 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.prompts < 1 or config.generation.max_new_tokens < 2:
         raise KnapSpecError("--repeats and --prompts must be >= 1, --max-new-tokens >= 2")
     contexts = parse_contexts(args.context_tokens)
+    simulator = _simulator(args, config)
     configs = _backend_configs(args, config, strategies)
     runs = []
     for c in configs:  # one backend in memory at a time
-        runs.append(_run_backend(args, c, strategies, contexts))
+        runs.append(_run_backend(args, c, strategies, contexts, simulator))
         gc.collect()
     infos = [r["info"] for r in runs]
     rows = [row for r in runs for row in r["rows"]]
     result: dict[str, Any] = {"backend": infos[0], "backends": infos, "contexts": contexts,
-                              "config": config.to_dict()}
+                              "config": config.to_dict(),
+                              "simulated_acceptance": simulator.spec if simulator else None,
+                              "timing_only": any(r.get("timing_only") for r in rows)}
     warmups = "".join(f"\nwarm-up (outside decode time): {i['name']} {i['warmup_seconds']:.1f} s"
                       for i in infos if "warmup_seconds" in i)
 
@@ -251,6 +273,10 @@ def run(args: argparse.Namespace) -> int:
             pts = [p for p in rows if p["backend"] == info["name"]]
             info["pearson"] = pearson(pts)
             table += f"\nPearson r ({info['name']}) = {info['pearson']:.3f}"
+        if simulator is not None:
+            table += ("\nalpha: predicted/simulated (accepted drafts drawn, not verified); "
+                      "predicted tok/s at the simulated alpha")
+        table += timing_only_note(rows)
     else:
         summary = summarize(rows)
         result.update(rows=rows, summary=summary)
