@@ -3,7 +3,7 @@
 A configuration has five sections, each a small frozen dataclass::
 
     [model]       which weights (a path, or the default SmolLM2-135M-Instruct)
-    [backend]     which runner (name) and its options (threads, dtype, compile_mode, ...)
+    [backend]     which runner (name) and its options (device, dtype, threads, ...)
     [planner]     strategy, re-plan interval, draft-length bound, strategy-specific knobs
     [costmodel]   where latencies come from: "profile", a JSON file, or "roofline"
     [generation]  max new tokens, temperature, top-p, seed, stop strings
@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,8 @@ def _check_value(path: str, value: Any, meta: Mapping[str, Any]) -> Any:
 
 
 def check_backend_option(path: str, option: BackendOption, value: Any) -> Any:
-    """``value`` checked against a registry option (type, choices; counts must be >= 1)."""
+    """``value`` checked against a registry option (type, choices or pattern; counts must be
+    >= 1)."""
     if option.type is bool:
         if not isinstance(value, bool):
             raise KnapSpecError(f"{path}: expected a boolean, got {_got(value)}")
@@ -290,7 +292,11 @@ def check_backend_option(path: str, option: BackendOption, value: Any) -> Any:
         return _check_int(path, value, 1)
     if option.type is float:
         return _check_float(path, value, {"minimum": 0.0})
-    return _check_str(path, value, option.choices)
+    value = _check_str(path, value, option.choices)
+    if option.pattern and not re.fullmatch(option.pattern, value):
+        raise KnapSpecError(f"{path}: expected {option.pattern_text or option.pattern}, "
+                            f"got {value!r}")
+    return value
 
 
 def _backend_options(

@@ -153,7 +153,7 @@ def test_roofline_and_keyword_sources_are_not_paths(tmp_path):
         ({"backend": {"threads": 0}}, "backend.threads: expected a positive integer, got 0"),
         ({"backend": {"threads": "two"}}, "backend.threads: expected an integer, got 'two'"),
         ({"backend": {"dtype": "int4"}},
-         "backend.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'int4'"),
+         "backend.dtype: expected one of 'auto', 'float32', 'bfloat16', 'float16', got 'int4'"),
         ({"backend": {"thread": 2}}, "backend.thread: unknown key (known: name, "),
         ({"costmodel": {"hardware": "h100"}},
          'costmodel.hardware: only used with source = "roofline", got source = \'profile\''),

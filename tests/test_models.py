@@ -318,6 +318,64 @@ def test_load_uses_cache_only_when_marked(monkeypatch, tmp_path):
     assert all("gguf_file" not in kw and kw["path"] == entry for _, kw in calls)
 
 
+def test_load_goes_straight_to_the_device_in_the_target_dtype(monkeypatch, tmp_path):
+    """A CUDA device reaches ``from_pretrained`` as ``device_map`` with the dtype, for a
+    Hugging Face directory and a cached GGUF conversion (no float32 copy on the host); a
+    first GGUF conversion is moved after it is cached; the CPU passes no ``device_map``.
+    transformers' loaders are faked, so no GPU is needed."""
+    torch = pytest.importorskip("torch", reason="needs torch: pip install 'knapspec[torch]'")
+    transformers = pytest.importorskip(
+        "transformers", reason="needs transformers: pip install 'knapspec[torch]'"
+    )
+    monkeypatch.setenv("KNAPSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    calls: list[dict] = []
+
+    class FakeModel:
+        config = SimpleNamespace(model_type="llama")
+        moved_to = None
+
+        def save_pretrained(self, d) -> None:
+            (Path(d) / "model.safetensors").write_bytes(b"dense")
+
+        def eval(self):
+            return self
+
+        def to(self, device):
+            self.moved_to = device
+            return self
+
+    class FakeTokenizer:
+        def save_pretrained(self, d) -> None:
+            (Path(d) / "tokenizer.json").write_text("{}")
+
+    def fake_model(path, **kw):
+        calls.append(kw)
+        return FakeModel()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: FakeTokenizer())
+    cuda = torch.device("cuda", 1)
+    dtype_key = "dtype" if "dtype" in loading._dtype_kwarg(transformers, None) else "torch_dtype"
+
+    loaded = loading.load_torch_model(hf, dtype="bfloat16", device=cuda)
+    assert calls[-1]["device_map"] == "cuda:1" and calls[-1][dtype_key] == torch.bfloat16
+    assert loaded.model.moved_to is None
+    loading.load_torch_model(hf, dtype="float32", device=torch.device("cpu"))
+    assert "device_map" not in calls[-1] and calls[-1][dtype_key] == torch.float32
+
+    gguf = write_gguf_header(tmp_path / "m.gguf")
+    first = loading.load_torch_model(gguf, dtype="bfloat16", device=cuda)  # converts
+    assert "gguf_file" in calls[-1] and "device_map" not in calls[-1]
+    assert first.model.moved_to == cuda and first.cache_path.name.endswith("-bfloat16")
+    second = loading.load_torch_model(gguf, dtype="bfloat16", device=cuda)  # from the cache
+    assert second.from_cache and calls[-1]["device_map"] == "cuda:1"
+    assert second.model.moved_to is None
+
+
 # ----------------------------------------------------------------------------- chat template
 
 

@@ -165,6 +165,35 @@ def test_masks_and_context_growth_never_recompile(compiled):
     assert compile_counters() == before
 
 
+def test_draft_and_verify_on_the_device_never_recompile(compiled):
+    """The hot path's overrides (tokens chosen on the device, fed back as tensors) run the
+    compiled blocks at shapes the warm-up covered: greedy output equals the compiled
+    backend's own autoregressive output, sampling runs, and nothing is compiled."""
+    from test_torch_device import autoregressive, speculative_greedy
+
+    from knapspec.sampling import SamplingParams
+
+    be = compiled
+    before = compile_counters()
+    prompt = make_ids(30, seed=11)
+    ref = autoregressive(be, prompt, 40)
+    masks = []
+    for skip in ([2, 5], [3], [2, 4]):
+        m = np.zeros(2 * N_LAYERS, dtype=bool)
+        m[skip] = True
+        masks.append(m)
+    out, accepted = speculative_greedy(be, prompt, masks, 3, 40)
+    assert out == ref and sum(accepted) > 0
+    sp, rng = SamplingParams(1.0, 0.9), np.random.default_rng(0)
+    p0 = be.length
+    drafts, q = be.draft(ref[-1], masks[0], 4, sp, rng, frozenset())
+    be.rollback(p0)
+    n, _ = be.verify(ref[-1], drafts, q, sp, rng, capture=True)
+    assert 0 <= n <= 4 and be.block_oracle().n_tokens >= 5
+    assert be.recompilations() == 0
+    assert compile_counters() == before
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 
 

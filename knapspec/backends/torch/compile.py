@@ -150,7 +150,7 @@ class TorchCompileBackend(TorchEagerBackend):
     """``TorchEagerBackend`` with its per-block functions compiled by ``torch.compile``.
 
     Args:
-        model, dtype, threads, max_context, capture_tokens: as ``TorchEagerBackend``.
+        model, dtype, threads, max_context, capture_tokens, device: as ``TorchEagerBackend``.
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
             ``max-autotune``, ``max-autotune-no-cudagraphs``; on CPU the CUDA-graph part of
             ``reduce-overhead`` does not apply).
@@ -167,14 +167,15 @@ class TorchCompileBackend(TorchEagerBackend):
     def __init__(
         self,
         model: LoadedModel | str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | str | None = torch.float32,
+        dtype: torch.dtype | str | None = "auto",
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,
         compile_mode: str = "default",
+        device: torch.device | str | None = "auto",
     ) -> None:
         self.compile_mode = compile_mode
-        super().__init__(model, dtype, threads, max_context, capture_tokens)
+        super().__init__(model, dtype, threads, max_context, capture_tokens, device=device)
 
     @classmethod
     def from_hf(
@@ -187,11 +188,14 @@ class TorchCompileBackend(TorchEagerBackend):
         max_context: int | None = None,
         capture_tokens: int = 8,
         compile_mode: str = "default",
+        device: torch.device | str | None = None,
     ) -> TorchCompileBackend:
-        """A compiled backend over a ``transformers`` causal-LM object (tokenizer optional)."""
+        """A compiled backend over a ``transformers`` causal-LM object (tokenizer optional),
+        on the model's device."""
         self = cls.__new__(cls)
         self.compile_mode = compile_mode
-        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens)
+        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens,
+                           device)
         return self
 
     def _setup(self, *args: Any, **kwargs: Any) -> None:
@@ -275,7 +279,7 @@ class TorchCompileBackend(TorchEagerBackend):
         start (``mark_dynamic``), instead of first specialising them to one prefill length."""
         blocks = self._compiled
         with torch.inference_mode():
-            x = torch.zeros(2, self.dim, dtype=self.dtype)  # [T, D]
+            x = torch.zeros(2, self.dim, dtype=self.dtype, device=self.device)  # [T, D]
 
             def dyn() -> torch.Tensor:
                 t = x.clone()

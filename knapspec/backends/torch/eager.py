@@ -15,6 +15,12 @@ boundary are kept only with ``capture=True`` (for the planner's block oracle); a
 mask is validated once per distinct mask; logits of every position are computed only with
 ``all_logits=True``.
 
+Devices: the weights, the KV cache, the RoPE tables, masks, token ids and drafted tokens
+all live on ``self.device`` (``auto``: CUDA when available, else the CPU).  ``forward``
+returns float32 numpy logits (one copy to the host per call, for profiling and tests); the
+decoding loop's hot path is ``draft`` and ``verify``, which select and verify tokens on the
+device (``tokens``) and bring back only the ids, one small transfer per call.
+
 Shapes: ``T`` tokens in a call, ``D`` hidden size, ``C`` cache capacity (``max_context``),
 ``L`` layers, ``V`` vocab.
 """
@@ -34,16 +40,21 @@ import torch.nn.functional as F
 
 from ...blocks import BlockLayout
 from ...errors import KnapSpecError
+from ...sampling import SamplingParams
 from ..base import Backend
+from . import tokens as device_tokens
 from .blocks import attention_block, causal_mask, head, lm_head, mlp_block, rms_norm
 from .kvcache import CaptureWindow, KVCache
 from .oracle import TorchBlockOracle
 from .weights import (
     check_model,
     context_size,
+    device_name,
     eos_ids,
     parse_dtype,
     read_weights,
+    resolve_device,
+    resolve_dtype,
     rope_tables,
     set_threads,
 )
@@ -62,18 +73,22 @@ __all__ = ["PREFILL_CHUNK", "TorchBlockOracle", "TorchEagerBackend", "parse_dtyp
 
 
 class TorchEagerBackend(Backend):
-    """Self-speculative decoding backend on eager PyTorch (CPU), one sequence, one KV cache.
+    """Self-speculative decoding backend on eager PyTorch, one sequence, one KV cache.
 
     Args:
         model: ``None`` (the default SmolLM2), a path or spec that
             ``knapspec.backends.sources.resolve_model`` accepts, or a ``LoadedModel``.  For a
             bare HF model object use :meth:`from_hf`.
-        dtype: parameter dtype (or its name) when loading (default float32); for a given
-            model it must match the model's dtype (``None``: take the model's).
+        dtype: parameter dtype (or its name) when loading; ``"auto"`` (default): bfloat16 on
+            CUDA, float32 on the CPU.  For a ``LoadedModel`` it must match the model's dtype
+            (``"auto"`` or ``None``: take the model's).
         threads: ``torch.set_num_threads(threads)`` if given.
         max_context: KV cache capacity in tokens (default: the model's
             ``max_position_embeddings``, capped by a sliding window if the model has one).
         capture_tokens: positions kept by ``forward(..., capture=True)`` for the oracle.
+        device: ``"auto"`` (default: CUDA when available, else the CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``; the weights are loaded straight onto it.  For a
+            ``LoadedModel``, ``"auto"`` is where the model already is.
     """
 
     name = "torch"
@@ -88,19 +103,23 @@ class TorchEagerBackend(Backend):
     def __init__(
         self,
         model: LoadedModel | str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | str | None = torch.float32,
+        dtype: torch.dtype | str | None = "auto",
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,
+        device: torch.device | str | None = "auto",
     ) -> None:
         from .loading import LoadedModel, load_torch_model
 
-        dtype = parse_dtype(dtype)
         set_threads(threads)
         if isinstance(model, LoadedModel):
             loaded = model
+            dev = None if device in (None, "auto") else resolve_device(device)
+            dtype = None if dtype == "auto" else parse_dtype(dtype)  # None: the model's
         elif model is None or isinstance(model, (str, os.PathLike)):
-            loaded = load_torch_model(model, dtype=dtype)
+            dev = resolve_device(device)
+            dtype = resolve_dtype(dtype, dev)
+            loaded = load_torch_model(model, dtype=dtype, device=dev)
         else:
             raise KnapSpecError(
                 f"model must be None, a path or a LoadedModel, got {type(model).__name__}; "
@@ -112,6 +131,7 @@ class TorchEagerBackend(Backend):
             loaded.model,
             loaded.tokenizer,
             dtype,
+            dev,
             max_context,
             capture_tokens,
             model_name=loaded.source.path.name,
@@ -128,10 +148,13 @@ class TorchEagerBackend(Backend):
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,
+        device: torch.device | str | None = None,
     ) -> TorchEagerBackend:
-        """A backend over a ``transformers`` causal-LM object (tokenizer optional)."""
+        """A backend over a ``transformers`` causal-LM object (tokenizer optional), on the
+        model's device (``device``, when given, must be that device)."""
         self = cls.__new__(cls)
-        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens)
+        self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens,
+                           device)
         return self
 
     def _init_from_hf(
@@ -142,6 +165,7 @@ class TorchEagerBackend(Backend):
         threads: int | None,
         max_context: int | None,
         capture_tokens: int,
+        device: torch.device | str | None = None,
     ) -> None:
         """``from_hf``'s initialisation of a bare instance (subclasses add their own)."""
         set_threads(threads)
@@ -156,6 +180,7 @@ class TorchEagerBackend(Backend):
             model,
             tokenizer,
             dtype,
+            None if device in (None, "auto") else resolve_device(device),
             max_context,
             capture_tokens,
             model_name=name or fallback,
@@ -168,27 +193,31 @@ class TorchEagerBackend(Backend):
         model: Any,
         tokenizer: Any,
         dtype: torch.dtype | None,
+        device: torch.device | None,
         max_context: int | None,
         capture_tokens: int,
         model_name: str,
         model_key: str,
     ) -> None:
-        """Check the model, take views of its weights, allocate the KV cache and RoPE tables."""
-        self.model_type = check_model(model, dtype)
+        """Check the model (``dtype`` / ``device``: required of it when given), take views of
+        its weights, allocate the KV cache and RoPE tables on its device."""
+        self.model_type = check_model(model, dtype, device)
         self._capture = CaptureWindow(capture_tokens)  # validates capture_tokens
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_key = model_key
-        self.dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.device_name = device_name(self.device)  # the GPU's or the CPU's name
         self._set_weights(read_weights(model))
         self.max_context = context_size(model.config, max_context)
-        self.cos, self.sin = rope_tables(model.model.rotary_emb, self.max_context, self.dtype)
+        self.cos, self.sin = rope_tables(model.model.rotary_emb, self.max_context, self.dtype,
+                                         self.device)  # [C, hd] each
         cfg = self.attn_cfg
-        self.cache = KVCache(
-            self.layout.n_layers, cfg.n_kv_heads, self.max_context, cfg.head_dim, self.dtype
-        )
+        self.cache = KVCache(self.layout.n_layers, cfg.n_kv_heads, self.max_context,
+                             cfg.head_dim, self.dtype, self.device)
         self.k_cache, self.v_cache = self.cache.k, self.cache.v  # [L, KV, C, hd]
         # per layer, what its two blocks read: made once, not indexed per forward
         self._layers = list(zip(self.attn_w, self.mlp_w, self.cache.layer_k,
@@ -197,12 +226,13 @@ class TorchEagerBackend(Backend):
         self.vocab_size = int(self.out_w.shape[0])
         self.eos_token_ids = eos_ids(model, tokenizer)
         self._final: torch.Tensor | None = None  # [n, D] final-norm states of the last call
+        self._gen: torch.Generator | None = None  # sampling on the device, made when needed
         log.info(
             "torch backend: %s (%s), %d layers, D=%d, H=%d, KV=%d, hd=%d, V=%d, ctx %d, "
-            "KV cache %.0f MiB, %d threads",
+            "KV cache %.0f MiB, %s %s, %d threads",
             model_name, self.model_type, self.layout.n_layers, self.dim, cfg.n_heads,
             cfg.n_kv_heads, cfg.head_dim, self.vocab_size, self.max_context,
-            self.cache.nbytes / 2**20, torch.get_num_threads(),
+            self.cache.nbytes / 2**20, self.device, self.dtype, torch.get_num_threads(),
         )  # fmt: skip
 
     def _set_weights(self, w: Any) -> None:
@@ -283,6 +313,15 @@ class TorchEagerBackend(Backend):
             self._skip_memo[key] = flags
         return flags
 
+    def _check_ids(self, ids: list[int]) -> None:
+        """Raise unless ``ids`` is a non-empty list of ids the embedding has."""
+        if not ids:
+            raise KnapSpecError("forward needs at least one token")
+        n_embed = self.embed_w.shape[0]
+        if min(ids) < 0 or max(ids) >= n_embed:
+            bad = next(i for i in ids if not 0 <= i < n_embed)
+            raise KnapSpecError(f"token id {bad} out of range [0, {n_embed})")
+
     def forward(
         self,
         tokens: Sequence[int],
@@ -292,16 +331,22 @@ class TorchEagerBackend(Backend):
         all_logits: bool = True,
     ) -> np.ndarray:
         ids = [int(t) for t in tokens]
-        n = len(ids)
-        if n == 0:
-            raise KnapSpecError("forward needs at least one token")
-        n_embed = self.embed_w.shape[0]
-        if min(ids) < 0 or max(ids) >= n_embed:
-            bad = next(i for i in ids if not 0 <= i < n_embed)
-            raise KnapSpecError(f"token id {bad} out of range [0, {n_embed})")
+        self._check_ids(ids)
         skip = self._skip_flags(mask)
         if capture and skip is not None:
             raise KnapSpecError("capture=True needs the full model (mask=None)")
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)  # [n]
+        out = self._run(ids_t, skip, capture, all_logits, ids if skip is None else None)
+        return out.cpu().numpy()  # float32 [n or 1, V] (a view on the CPU)
+
+    def _run(
+        self, ids: torch.Tensor, skip: tuple[bool, ...] | None, capture: bool,
+        all_logits: bool, record: list[int] | None,
+    ) -> torch.Tensor:
+        """Run token ids ``ids`` ``[n]`` (on the device) after the cached positions; returns
+        float32 logits ``[n, V]`` (or ``[1, V]``) on the device.  ``record``: the ids as a
+        list, kept for prompt caching (``None``: the positions are marked as a draft's)."""
+        n = int(ids.shape[0])
         self.cache.check_room(n)
         start = self.cache.length
         with torch.inference_mode():
@@ -310,18 +355,17 @@ class TorchEagerBackend(Backend):
                 out = self._head_fn(h if all_logits else h[-1:], self.out_w, self.out_b)
             else:
                 h, out = self._forward_chunked(ids, start, skip, capture, all_logits)
-            logits = out.numpy()  # float32 [n or 1, V], a view
         self._final = h
-        self.cache.append(ids, full=skip is None)  # a draft's positions are marked None
-        return logits
+        self.cache.append(record if record is not None else range(n), full=record is not None)
+        return out
 
     def _forward_chunked(
-        self, ids: list[int], start: int, skip: tuple[bool, ...] | None, capture: bool,
+        self, ids: torch.Tensor, start: int, skip: tuple[bool, ...] | None, capture: bool,
         all_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A long prompt in chunks of ``PREFILL_CHUNK`` (bounded memory); returns final-norm
-        states ``[n, D]`` and float32 logits ``[n, V]`` (or ``[1, V]``)."""
-        n = len(ids)
+        """A long prompt ``ids`` ``[n]`` in chunks of ``PREFILL_CHUNK`` (bounded memory);
+        returns final-norm states ``[n, D]`` and float32 logits ``[n, V]`` (or ``[1, V]``)."""
+        n = int(ids.shape[0])
         finals, logits = [], []
         for a in range(0, n, PREFILL_CHUNK):
             chunk = ids[a : a + PREFILL_CHUNK]
@@ -336,21 +380,22 @@ class TorchEagerBackend(Backend):
         return h, torch.cat(logits)
 
     def _forward(
-        self, ids: list[int], start: int, skip: tuple[bool, ...] | None, capture: bool
+        self, ids: torch.Tensor, start: int, skip: tuple[bool, ...] | None, capture: bool
     ) -> torch.Tensor:
-        """Blocks over ``ids`` at positions start..; returns final-norm states [T, D].
+        """Blocks over ``ids`` ``[T]`` (on the device) at positions start..; returns
+        final-norm states [T, D].
 
         With ``capture``, the states at every block boundary of the last ``capture_tokens``
         positions go to the capture window; without it nothing is kept.
         """
-        n = len(ids)
-        x = F.embedding(torch.tensor(ids, dtype=torch.long), self.embed_w)  # [T, D]
+        n = int(ids.shape[0])
+        x = F.embedding(ids, self.embed_w)  # [T, D]
         cos, sin = self.cos[start : start + n], self.sin[start : start + n]  # [T, hd]
         cfg, act, eps = self.attn_cfg, self.act, self.eps
         attention, mlp = self._attention_fn, self._mlp_fn
         mask = None  # one query sees every cached key: no mask
         if n > 1:  # query i (position start+i) sees keys 0..start+i; built once for all layers
-            mask = causal_mask(start, n, cfg.n_heads // cfg.n_kv_heads, self.dtype)
+            mask = causal_mask(start, n, cfg.n_heads // cfg.n_kv_heads, self.dtype, self.device)
         if capture:
             return self._forward_capture(x, cos, sin, start, mask)
         for i, (aw, mw, k, v) in enumerate(self._layers):
@@ -385,6 +430,88 @@ class TorchEagerBackend(Backend):
         self._capture.store(torch.stack(states), start + n - keep)  # [2L+1, keep, D]
         return self._norm_fn(x, self.norm_w, self.norm_eps)  # [T, D]
 
+    # ------------------------------------------------------------------ the loop's hot path
+    def _generator(self, rng: np.random.Generator) -> torch.Generator:
+        """This backend's ``torch.Generator`` on its device, reseeded from ``rng``."""
+        if self._gen is None:
+            self._gen = torch.Generator(device=self.device)
+        return device_tokens.seed_generator(self._gen, rng)
+
+    def draft(
+        self,
+        last: int,
+        mask: np.ndarray | None,
+        n: int,
+        sampling: SamplingParams,
+        rng: np.random.Generator,
+        stop_ids: frozenset[int],
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """``n`` draft steps under ``mask`` from token ``last``, tokens chosen on the device.
+
+        Each drafted token feeds the next step as a device tensor; the ids come to the host
+        in one transfer at the end and are cut after the first one in ``stop_ids`` (the
+        steps after it are computed but never returned; the loop rolls the cache back).
+
+        Returns:
+            the drafted ids and, when sampling, their distributions: a float32 ``[k, V]``
+            tensor on the device (``None`` when greedy).  The cache grows by ``n``.
+        """
+        if n < 1:
+            return [], None
+        self._check_ids([int(last)])
+        skip = self._skip_flags(mask)
+        self.cache.check_room(n)
+        gen = None if sampling.greedy else self._generator(rng)
+        tok = torch.tensor([int(last)], dtype=torch.long, device=self.device)  # [1]
+        drafted, probs = [], []
+        with torch.inference_mode():
+            for _ in range(n):
+                h = self._forward(tok, self.cache.length, skip, False)  # [1, D]
+                logits = self._head_fn(h, self.out_w, self.out_b)  # [1, V] float32
+                self.cache.append(range(1), full=False)
+                if gen is None:
+                    tok = logits.argmax(-1)  # [1]
+                else:
+                    q = device_tokens.probabilities(logits, sampling)  # [1, V]
+                    tok = device_tokens.sample(q, gen)
+                    probs.append(q)
+                drafted.append(tok)
+            ids = torch.cat(drafted).tolist()  # the one transfer to the host
+        self._final = h
+        k = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), n)
+        return ids[:k], (torch.cat(probs[:k]) if probs else None)
+
+    def verify(
+        self,
+        last: int,
+        drafts: Sequence[int],
+        q: Any,
+        sampling: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        capture: bool = False,
+        accept: int | None = None,
+    ) -> tuple[int, int]:
+        """Run ``[last, *drafts]`` through the full model and verify on the device.
+
+        Greedy match, or rejection sampling with the draft distributions ``q`` (``[d, V]``,
+        as ``draft`` returns them); with no drafts, one plain step (only the last row's
+        logits).  ``accept`` (simulated acceptance, timing only): take exactly
+        ``min(accept, d)`` drafts and the next token from the target's row there.  The
+        cache grows by ``d + 1``; ``capture`` keeps the hidden states for the oracle.
+
+        Returns ``(n_accepted, next_token)``, brought to the host in one transfer.
+        """
+        ids = [int(last), *map(int, drafts)]
+        self._check_ids(ids)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)  # [d + 1]
+        logits = self._run(ids_t, None, capture, len(ids) > 1, ids)  # [d + 1 or 1, V]
+        gen = None if sampling.greedy else self._generator(rng)
+        with torch.inference_mode():
+            out = device_tokens.verify_rows(logits, ids_t[1:], q, sampling, gen, accept)
+            n, nxt = out.tolist()  # the one transfer to the host
+        return int(n), int(nxt)
+
     def final_hidden(self) -> torch.Tensor | None:
         """Final-norm hidden states ``[n, D]`` of the last forward call."""
         return self._final
@@ -403,18 +530,27 @@ class TorchEagerBackend(Backend):
         return TorchBlockOracle(self, self._capture.states, self._capture.start)
 
     # ------------------------------------------------------------------ measurement
+    def synchronize(self) -> None:
+        """Wait for the work queued on this backend's device (a no-op on the CPU); clocks
+        that time device work read after this."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def time_head(self, n_tokens: int, repeats: int) -> float:
-        """Median seconds of final norm + LM head on ``n_tokens`` states."""
+        """Median seconds of final norm + LM head on ``n_tokens`` states (device work
+        included: synchronised before and after each call)."""
         if n_tokens < 1 or repeats < 1:
             raise KnapSpecError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
         with torch.inference_mode():
             x = torch.randn(n_tokens, self.dim, generator=torch.Generator().manual_seed(0))
-            x = x.to(self.dtype)
+            x = x.to(self.device, self.dtype)
             head(x, self.norm_w, self.norm_eps, self.out_w, self.out_b)  # warm-up
             times = []
             for _ in range(repeats):
+                self.synchronize()
                 t0 = time.perf_counter()
-                head(x, self.norm_w, self.norm_eps, self.out_w, self.out_b).float().numpy()
+                head(x, self.norm_w, self.norm_eps, self.out_w, self.out_b).float()
+                self.synchronize()
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
@@ -425,6 +561,8 @@ class TorchEagerBackend(Backend):
             "model_key": self.model_key,
             "model_type": self.model_type,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "device_name": self.device_name,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "max_context": self.max_context,

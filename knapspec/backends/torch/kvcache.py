@@ -1,9 +1,9 @@
 """What the torch backends keep per position: the KV cache and the captured hidden states.
 
-``KVCache`` is one preallocated key and one value tensor ``[L, KV, C, hd]`` plus the token
-id behind every cached position (``None`` where a draft wrote partial K/V, so prompt
-caching never reuses it).  Rolling back only moves the length: stale entries beyond it are
-overwritten by the next forward, never read.
+``KVCache`` is one preallocated key and one value tensor ``[L, KV, C, hd]`` (on the
+backend's device) plus the token id behind every cached position (``None`` where a draft
+wrote partial K/V, so prompt caching never reuses it).  Rolling back only moves the length:
+stale entries beyond it are overwritten by the next forward, never read.
 
 ``CaptureWindow`` holds the full model's hidden states at every block boundary for the last
 few positions (``[2L+1, T, D]``), the block oracle's input.  It is filled only by forwards
@@ -34,11 +34,12 @@ class KVCache:
     """
 
     def __init__(
-        self, n_layers: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype
+        self, n_layers: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> None:
         shape = (n_layers, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.layer_k = list(self.k.unbind(0))
         self.layer_v = list(self.v.unbind(0))
         self.capacity = int(capacity)

