@@ -282,6 +282,132 @@ def test_default_cache_path_keeps_its_key(monkeypatch, tmp_path):
         tmp_path / "costmodels" / "llamacpp-ab_cd-gguf-2.json")
 
 
+def test_cache_key_changes_with_device_and_dtype(monkeypatch, tmp_path):
+    """Off the CPU the device name joins the key; dtype was in it already; a CPU profile
+    keeps the key it had before devices existed."""
+    monkeypatch.setenv("KNAPSPEC_CACHE_DIR", str(tmp_path))
+
+    def described(**d):
+        class Described(TimedFake):
+            def describe(self):
+                return {"backend": "torch", "model_key": "random:qwen2.5-1.5b",
+                        "dtype": "bfloat16", "threads": 16, **d}
+        return profiling.default_profile_path(Described()).name
+
+    cpu = described(device="cpu", device_name="AMD EPYC 9654")
+    assert cpu == described() == "torch-random:qwen2.5-1.5b-bfloat16-16.json"
+    h200 = described(device="cuda:0", device_name="NVIDIA H200")
+    assert h200 == "torch-random:qwen2.5-1.5b-bfloat16-16-NVIDIA_H200.json"
+    assert described(device="cuda:1", device_name="NVIDIA H200") == h200  # same kind of GPU
+    assert described(device="cuda:0", device_name="NVIDIA H100 80GB HBM3") != h200
+    assert described(device="cuda:0") == "torch-random:qwen2.5-1.5b-bfloat16-16-cuda_0.json"
+    assert described(device="cuda:0", device_name="NVIDIA H200", dtype="float16") != h200
+
+
+# ---------------------------------------------------------------------- device timers
+
+
+class FakeCuda:
+    """A stand-in for ``torch.cuda``: events stamp a fake clock; every call is logged."""
+
+    def __init__(self, clock) -> None:
+        self.clock, self.log = clock, []
+
+    def Event(self, enable_timing: bool = False):  # torch.cuda's name
+        assert enable_timing
+        return FakeEvent(self)
+
+    def current_stream(self, device):
+        self.log.append(("stream", str(device)))
+        return "stream"
+
+    def synchronize(self, device=None) -> None:
+        self.log.append(("sync", str(device)))
+
+
+class FakeEvent:
+    def __init__(self, cuda: FakeCuda) -> None:
+        self.cuda, self.t = cuda, None
+
+    def record(self, stream=None) -> None:
+        self.t = self.cuda.clock()
+        self.cuda.log.append(("record", stream))
+
+    def synchronize(self) -> None:
+        self.cuda.log.append(("wait",))
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return (end.t - self.t) * 1e3  # milliseconds, as torch reports
+
+
+class OnCuda(TimedFake):
+    """``TimedFake`` that says it runs on a GPU."""
+
+    def describe(self):
+        return {"backend": "fake", "device": "cuda:0", "device_name": "NVIDIA H200",
+                "threads": 16}
+
+
+def test_timer_follows_the_backends_device():
+    pytest.importorskip("torch", reason="a CUDA timer refers to torch.cuda")
+    from knapspec.backends import timing
+
+    assert timing.timer_for(TimedFake()).kind == "perf_counter"  # no device: the CPU
+    cuda = timing.timer_for(OnCuda())
+    assert isinstance(cuda, timing.CudaTimer) and cuda.device == "cuda:0"
+    assert timing.timer_for(OnCuda(), clock=lambda: 0.0).kind == "clock"  # tests' clocks win
+    grid = profiling.TimingGrid(OnCuda(), [256], [1], {"full": None}, 1)
+    assert grid.timer.kind == "cuda-events"
+    # on a GPU other work is judged against the one host thread that launches kernels
+    assert grid.threads == 1 and profiling.backend_threads(OnCuda()) == 16
+
+
+def test_cuda_timer_synchronizes_first_and_times_between_events():
+    from knapspec.backends.timing import CudaTimer, median_seconds
+
+    clock = Clock()
+    fake = FakeCuda(clock)
+    timer = CudaTimer("cuda:1", cuda=fake)
+
+    def work():
+        fake.log.append(("work",))
+        clock.t += 0.004
+
+    assert timer.time(work) == pytest.approx(0.004)
+    assert fake.log == [("stream", "cuda:1"), ("sync", "cuda:1"), ("record", "stream"),
+                        ("work",), ("record", "stream"), ("wait",)]
+    fake.log.clear()
+    assert median_seconds(timer, work, repeats=3, warmup=2) == pytest.approx(0.004)
+    assert fake.log.count(("work",)) == 5 and fake.log.count(("sync", "cuda:1")) == 3
+    with pytest.raises(KnapSpecError, match="repeats"):
+        median_seconds(timer, work, repeats=0)
+
+
+def test_a_profile_on_a_gpu_is_timed_with_cuda_events(monkeypatch):
+    """Every profiled and checked call on a CUDA backend goes through the event timer, and
+    gives the profile a host clock would give where the host clock is true."""
+    from knapspec.backends import timing
+
+    be = OnCuda()
+    fake = FakeCuda(be.clock)
+    real = timing.CudaTimer
+    monkeypatch.setattr(timing, "CudaTimer", lambda device: real(device, fake))
+    model = profile_backend(be, contexts=CONTEXTS, token_counts=NS, repeats=3,
+                            progress=False, cpu_sample=be.cpu_sample, settle_seconds=0.0)
+    timed = len(CONTEXTS) * len(NS) * 4 * 3  # points x masks x repeats
+    assert fake.log.count(("sync", "cuda:0")) == timed
+    assert fake.log.count(("record", "stream")) == 2 * timed
+    assert model.meta["timer"] == "cuda-events" and model.meta["device"] == "cuda:0"
+    reference = TimedFake().profile()
+    assert reference.meta["timer"] == "clock"
+    for c in CONTEXTS:
+        assert model.attention(c, 2) == pytest.approx(reference.attention(c, 2))
+    assert model.mlp(4) == pytest.approx(reference.mlp(4))
+    fake.log.clear()
+    check_profile(be, model, cpu_sample=be.cpu_sample)
+    assert fake.log.count(("sync", "cuda:0")) == 2 * 2 * 3 * 3  # contexts x ns x masks x R
+
+
 def test_profiling_does_not_import_the_backend_at_run_time():
     # Backend.profile calls the profiler; the profiler refers to Backend only for typing
     assert "Backend" not in vars(profiling)

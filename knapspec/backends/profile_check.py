@@ -12,13 +12,13 @@ points, a few seconds on a small model), and compares, each as ``measured / cach
   times plain forward calls).
 
 The overall ratio is the geometric mean; the check fails when any point is off by more
-than ``tolerance`` (a ratio above it or below its inverse).
+than ``tolerance`` (a ratio above it or below its inverse).  Points are timed as the
+profile was: with the timer of the backend's device (``timing.timer_for``).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,7 +104,7 @@ def check_profile(
     k: int = 4,
     repeats: int = 3,
     tolerance: float = DEFAULT_TOLERANCE,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
     cpu_sample: Callable[[], CpuSample] = sample_cpu,
     seed: int = 0,
 ) -> ProfileCheck:
@@ -114,6 +114,8 @@ def check_profile(
         k: tokens of the verification point (>= 2).
         repeats: timed calls per point (the median is kept).
         tolerance: largest acceptable ratio (> 1) either way.
+        clock: seconds, for the timings (tests pass a fake one); default: the timer of the
+            backend's device (``timing.timer_for``: CUDA events on a GPU).
     """
     if not isinstance(model, TableCostModel):
         raise KnapSpecError(f"--check compares a measured (table) profile, got a "

@@ -21,6 +21,11 @@ CPU, scattered repeats, points their neighbours contradict); suspect points are 
 again, and the verdict with its evidence is stored in ``meta["trust"]``.
 ``cached_profile`` refuses to cache a profile that stays untrusted.
 
+Every call is timed by the timer of the backend's device (``timing.timer_for``): CUDA
+events after a synchronize on a GPU, ``perf_counter`` on the CPU; ``meta["timer"]`` says
+which.  Profiles are cached per backend, model, dtype, threads and (off the CPU) device
+name.
+
 This module imports ``Backend`` only for typing; backends call it (``Backend.profile``),
 never the other way round.
 """
@@ -53,6 +58,7 @@ from .profile_trust import (
     sample_cpu,
     usable_cpus,
 )
+from .timing import Timer, backend_device, timer_for
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -93,6 +99,13 @@ def backend_threads(backend: Backend) -> int:
         return 1
 
 
+def host_threads(backend: Backend) -> int:
+    """CPUs the backend's own work keeps busy, against which other work is judged: its
+    threads on the CPU; one on a GPU (the thread that launches the kernels; torch's
+    ``threads`` there are idle host threads)."""
+    return 1 if backend_device(backend).startswith("cuda") else backend_threads(backend)
+
+
 def _check_grid(backend: Backend, contexts: Sequence[int] | None,
                 token_counts: Sequence[int], repeats: int) -> tuple[list[int], list[int]]:
     """Validated, sorted ``(contexts, token_counts)``; raises ``KnapSpecError`` naming the
@@ -117,18 +130,21 @@ class TimingGrid:
     CPUs of other work while row ``i`` (context ``contexts[i]``) was last measured.
     ``measure`` can be called again for some points (re-measuring suspects): rows are
     visited in increasing context, growing the KV cache with random tokens (seeded).
+    Calls are timed by ``timer_for(backend, clock)``: ``clock`` when given (tests' fake
+    clocks), else the timer of the backend's device (CUDA events on a GPU).
     """
 
     def __init__(
         self, backend: Backend, contexts: Sequence[int], token_counts: Sequence[int],
         masks: dict[str, np.ndarray | None], repeats: int,
-        clock: Callable[[], float] = time.perf_counter, seed: int = 0,
+        clock: Callable[[], float] | None = None, seed: int = 0,
         cpu_sample: Callable[[], CpuSample] = sample_cpu,
     ) -> None:
         self.backend, self.contexts, self.ns = backend, list(contexts), list(token_counts)
-        self.masks, self.repeats, self.clock, self.cpu_sample = masks, repeats, clock, cpu_sample
+        self.masks, self.repeats, self.cpu_sample = masks, repeats, cpu_sample
+        self.timer: Timer = timer_for(backend, clock)
         self.rng = np.random.default_rng(seed)
-        self.threads = backend_threads(backend)
+        self.threads = host_threads(backend)  # for judging the load of other work
         shape = (len(self.contexts), len(self.ns), repeats)
         self.samples = {k: np.zeros(shape) for k in masks}
         self.row_load: list[float | None] = [None] * len(self.contexts)
@@ -155,16 +171,16 @@ class TimingGrid:
                        all_logits=False)
 
     def _time(self, tokens: list[int], mask: np.ndarray | None, c: int) -> np.ndarray:
-        """Seconds ``[R]`` of ``repeats`` calls after one untimed warm-up call."""
-        be, clock = self.backend, self.clock
-        out = np.zeros(self.repeats)
-        for r in range(-1, self.repeats):
-            t0 = clock()
+        """Seconds ``[R]`` of ``repeats`` calls (each with its rollback) after one untimed
+        warm-up call."""
+        be = self.backend
+
+        def call() -> None:
             be.forward(tokens, mask, all_logits=True)
             be.rollback(c)
-            if r >= 0:
-                out[r] = clock() - t0
-        return out
+
+        call()  # warm-up
+        return np.array([self.timer.time(call) for _ in range(self.repeats)])
 
     def measure(self, points: dict[int, list[tuple[int, str]]], replace_rows: set[int],
                 on_point: Callable[[], None] | None = None) -> int:
@@ -223,7 +239,7 @@ def profile_backend(
     token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
     repeats: int = DEFAULT_REPEATS,
     progress: bool = True,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
     seed: int = 0,
     policy: TrustPolicy | None = None,
     cpu_sample: Callable[[], CpuSample] = sample_cpu,
@@ -236,7 +252,8 @@ def profile_backend(
         token_counts: tokens per forward call to measure (must start at 1).
         repeats: calls per measurement; the median is kept.
         progress: show a progress bar (tqdm) on stderr.
-        clock: seconds, for the timings (tests pass a fake one).
+        clock: seconds, for the timings (tests pass a fake one); default: the timer of
+            the backend's device (``timing.timer_for``: CUDA events on a GPU).
         policy: trust thresholds (default ``TrustPolicy()``).
         cpu_sample: reads the machine's CPU use (tests pass a fake one).
         settle_seconds: seconds spent measuring other work before starting.
@@ -256,7 +273,8 @@ def profile_backend(
     log_load_before(before, grid.threads, cpus, policy)
 
     bar = _progress_bar(len(ctxs) * len(ns) * len(grid.masks)) if progress else None
-    t0 = clock()
+    wall = clock or time.perf_counter
+    t0 = wall()
     grid.measure(grid.all_points(), set(), None if bar is None else lambda: bar.update(1))
     if bar is not None:
         bar.close()
@@ -281,7 +299,8 @@ def profile_backend(
 
     model = _fit(backend, grid, repeats)
     model.meta.update({
-        "profile_seconds": clock() - t0,
+        "profile_seconds": wall() - t0,
+        "timer": grid.timer.kind,
         "trust": {
             "trusted": report.trusted,
             "reasons": report.reasons,
@@ -326,6 +345,9 @@ def _fit(backend: Backend, grid: TimingGrid, repeats: int) -> TableCostModel:
         "cpu_count": os.cpu_count(),
         "measured_full_step_s": t["full"].tolist(),
     }
+    reason = getattr(backend, "timing_only_reason", None)
+    if reason:  # e.g. random weights: the timings are real, the model is not
+        meta["timing_only_reason"] = reason
     model = TableCostModel(grid.contexts, grid.ns, attn, mlp, head, overhead, meta=meta)
     pred = np.array([[model.full_step_seconds(n_layers, c, n) for n in grid.ns]
                      for c in grid.contexts])
@@ -337,10 +359,17 @@ def _fit(backend: Backend, grid: TimingGrid, repeats: int) -> TableCostModel:
 
 
 def default_profile_path(backend: Backend) -> Path:
-    """The cache file of ``backend``'s profile: one per backend, model, dtype and threads."""
+    """The cache file of ``backend``'s profile: one per backend, model, dtype, threads and,
+    off the CPU, device name (``describe()["device_name"]``, else ``["device"]``), e.g.
+    ``torch-random:llama-3.1-8b-bfloat16-16-NVIDIA_H200.json``.  CPU profiles keep the key
+    they had before devices existed, so the caches of CPU users stay valid."""
     d = backend.describe()
     fields = ("backend", "model_key", "dtype", "threads")
     key = "-".join(str(d.get(k, "")).replace("/", "_") for k in fields)
+    device = backend_device(backend)
+    if device != "cpu":
+        name = str(d.get("device_name") or device)
+        key += "-" + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
     return cache_dir() / "costmodels" / f"{key}.json"
 
 
@@ -349,28 +378,27 @@ def estimate_profile_seconds(
     contexts: Sequence[int] | None = None,
     token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
     repeats: int = DEFAULT_REPEATS,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
     **_: Any,
 ) -> float:
     """Rough seconds (within about 2x) that ``profile_backend`` will take with these arguments.
 
-    Times one call of the largest token count on an empty cache and a 128-token prefill,
-    then assumes a call at context ``c`` costs ``(1 + c / 4096)`` times the first, that a
-    masked call costs 0.6 of a full one on average, and one prefill up to the longest
-    context.  Leaves the cache empty.
+    Times one call of the largest token count on an empty cache and a 128-token prefill
+    (with the device's timer, ``timing.timer_for``), then assumes a call at context ``c``
+    costs ``(1 + c / 4096)`` times the first, that a masked call costs 0.6 of a full one on
+    average, and one prefill up to the longest context.  Leaves the cache empty.
     """
     ctxs, ns = _check_grid(backend, contexts, token_counts, repeats)
+    timer = timer_for(backend, clock)
     toks = [0] * ns[-1]
     backend.reset()
     backend.forward(toks, None, all_logits=True)  # warm-up
-    t0 = clock()
-    backend.forward(toks, None, all_logits=True)
-    call = clock() - t0
+    backend.reset()
+    call = timer.time(lambda: backend.forward(toks, None, all_logits=True))
     fill = min(128, backend.max_context - ns[-1] - 1)
     backend.reset()
-    t0 = clock()
-    backend.forward([0] * fill, None, all_logits=False)
-    per_token = (clock() - t0) / max(fill, 1)
+    per_token = timer.time(lambda: backend.forward([0] * fill, None, all_logits=False))
+    per_token /= max(fill, 1)
     backend.reset()
     calls = len(ns) * 4 * (repeats + 1)
     return sum(calls * 0.6 * call * (1 + c / 4096) for c in ctxs) + per_token * ctxs[-1]
@@ -393,8 +421,9 @@ def cached_profile(
 ) -> TableCostModel:
     """Load the backend's cost model from ``path`` (default: the user cache), else profile and save.
 
-    The default file name encodes the backend, model and thread count, so a profile is
-    reused only for the same model, backend and threads.  Before profiling, one line says
+    The default file name (``default_profile_path``) encodes the backend, model, dtype,
+    thread count and, off the CPU, the device name, so a profile is reused only for the
+    same model, backend, dtype, threads and device.  Before profiling, one line says
     what is happening, roughly how long it takes and where the result goes: logged at INFO
     and passed to ``notice`` (the CLI writes it to stderr).
 
@@ -422,7 +451,9 @@ def cached_profile(
     p.parent.mkdir(parents=True, exist_ok=True)
     est = estimate_profile_seconds(backend, **kwargs)
     d = backend.describe()
-    what = ", ".join(str(x) for x in (d.get("model"), f"{backend_threads(backend)} threads") if x)
+    device = backend_device(backend)
+    what = ", ".join(str(x) for x in (d.get("model"), None if device == "cpu" else device,
+                                      f"{backend_threads(backend)} threads") if x)
     message = (f"measuring this machine's {backend.name} latencies ({what}) to plan drafts: "
                f"{_duration(est)}, done once per model, backend and thread count; "
                f"the result is cached at {p}")
