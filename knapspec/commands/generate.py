@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     session = build_session_from_config(
         settings, notice=lambda line: sys.stderr.write(f"knapspec: {line}\n"))
     prompt = session.backend.encode(text, chat=not args.raw)
+    reason = getattr(session.backend, "timing_only_reason", None)
+    if reason:  # say it before the meaningless text streams out
+        sys.stderr.write(f"knapspec: timing only: {reason}\n")
     if args.json:
         result = session.decoder.generate(prompt, config)
         json.dump(result.to_dict(), sys.stdout)
@@ -105,9 +108,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_line(result: GenerationResult) -> str:
-    """The one line ``generate`` writes to stderr after the text: tokens, speed, and either
-    how drafting went or why the generation decoded plainly."""
+    """The line ``generate`` writes to stderr after the text: tokens, speed, and either
+    how drafting went or why the generation decoded plainly; a second line says why the
+    result is timing-only when it is (random weights, simulated acceptance)."""
     how = result.plain_reason or (f"acceptance {result.acceptance_rate:.2f}, "
                                   f"{result.mean_accepted_length:.2f} tokens/step")
-    return (f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, {how}, "
+    line = (f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, {how}, "
             f"stop: {result.stop_reason}]")
+    if result.timing_only:
+        line += f"\n[TIMING ONLY: {result.timing_only_reason or 'not a real model output'}]"
+    return line

@@ -125,7 +125,12 @@ def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, A
         max_draft_length=config.planner.max_draft_length, resolution=args.resolution,
         method=args.method or config.planner.method or "exact",
     )
-    return [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
+    rows = [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
+    reason = (getattr(cost_model, "meta", None) or {}).get("timing_only_reason")
+    if reason:  # measured on random weights: real latencies, flagged as everywhere else
+        for r in rows:
+            r.update(timing_only=True, timing_only_reason=f"cost model profiled on {reason}")
+    return rows
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -188,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         src = cm.source if cm.is_file else f"roofline on {cm.hardware}"
         sys.stdout.write(f"Additive-planner plans for {cm.model_spec} ({src})\n{_table(rows)}\n")
+        if rows and rows[0].get("timing_only"):
+            sys.stdout.write(f"TIMING ONLY: {rows[0]['timing_only_reason']}\n")
     if args.plot:
         where = cm.source if cm.is_file else cm.hardware
         plot_plans(rows, args.plot, f"Additive-planner plans: {cm.model_spec}, {where}")

@@ -90,7 +90,15 @@ def run(args: argparse.Namespace) -> int:
     trust = model.meta.get("trust") or {}
     if trust.get("trusted") is False:
         sys.stdout.write(f"UNTRUSTED (kept by --force): {'; '.join(trust['reasons'])}\n")
+    _timing_only_note(model.meta.get("timing_only_reason"))
     return 0
+
+
+def _timing_only_note(reason: str | None) -> None:
+    """One line on stdout when the profiled model is not a real one (random weights)."""
+    if reason:
+        sys.stdout.write(f"TIMING ONLY: {reason}; these latencies hold for any weights of "
+                         "these shapes, dtype and device\n")
 
 
 def _check(args: argparse.Namespace, backend: Any) -> int:
@@ -110,6 +118,7 @@ def _check(args: argparse.Namespace, backend: Any) -> int:
                            repeats=3 if args.repeats is None else args.repeats,
                            tolerance=tolerance)
     sys.stdout.write(f"cached profile: {path}\n{result.table()}\n")
+    _timing_only_note(getattr(backend, "timing_only_reason", None))
     if result.ok:
         sys.stdout.write(f"within {tolerance}x of this machine now\n")
         return 0
