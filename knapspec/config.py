@@ -386,6 +386,8 @@ class KnapSpecConfig:
                 v = table[key]
                 if key == "source" and v in COSTMODEL_SOURCES:
                     continue
+                if key == "path" and v.strip().lower().startswith("random:"):
+                    continue  # a built-in architecture with random weights, not a file
                 q = Path(v).expanduser()
                 table[key] = str(q if q.is_absolute() or not v.strip() else base / q)
         try:

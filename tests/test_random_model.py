@@ -247,3 +247,14 @@ def test_cli_profile_plan_and_generate_of_random_smollm2_say_timing_only(
     assert main(["profile", "--model", "random:gpt-5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model spec 'gpt-5'" in err and "llama-3.1-8b" in err
+
+
+def test_a_config_file_keeps_random_specs_as_they_are(tmp_path):
+    """``model.path`` relative to the file, except ``random:<spec>``, which is no path."""
+    from knapspec.config import KnapSpecConfig
+
+    f = tmp_path / "knapspec.toml"
+    f.write_text('[model]\npath = "random:llama-3.1-8b"\n')
+    assert KnapSpecConfig.from_toml(f).model.path == "random:llama-3.1-8b"
+    f.write_text('[model]\npath = "m.gguf"\n')
+    assert KnapSpecConfig.from_toml(f).model.path == str(tmp_path / "m.gguf")

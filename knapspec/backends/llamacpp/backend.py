@@ -92,6 +92,11 @@ class LlamaCppBackend(Backend):
         from ..sources import gguf_architecture, resolve_model
 
         source = resolve_model(model)
+        if source.kind == "random":
+            raise KnapSpecError(
+                f"the llamacpp backend runs GGUF files; {source.path.name} (random weights) "
+                "runs on the torch backends: use --backend torch or torch-compile"
+            )
         if source.kind != "gguf":
             raise KnapSpecError(
                 f"the llamacpp backend needs a GGUF file, got a Hugging Face directory "

@@ -126,6 +126,7 @@ class TorchEagerBackend(Backend):
                 "use TorchEagerBackend.from_hf(model, tokenizer) for a transformers model"
             )
         self.loaded = loaded
+        self.timing_only_reason = loaded.source.timing_only_reason  # random weights: set
         key = loaded.cache_path.name if loaded.cache_path is not None else loaded.source.path.name
         self._setup(
             loaded.model,

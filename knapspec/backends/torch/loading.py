@@ -10,6 +10,8 @@ A model spec is resolved by ``knapspec.backends.sources.resolve_model`` to one o
   result is saved once as a regular Hugging Face checkpoint (safetensors + tokenizer +
   config) under ``cache_dir()/models/<key>`` and later loads take about a second.
 * ``"hf"`` -- a Hugging Face model directory containing ``config.json``; loaded directly.
+* ``"random"`` -- ``random:<spec>``: a built-in architecture built on the device with
+  seeded random weights and a byte-level tokenizer (``random_model``), for timing only.
 
 Cache layout and atomicity
 --------------------------
@@ -392,6 +394,14 @@ def load_torch_model(
     t0 = time.perf_counter()
     src = source if isinstance(source, ModelSource) else resolve_model(source)
     dtype_name = _dtype_name(dtype)
+    if src.kind == "random" and src.spec is not None:  # built-in shapes, random weights
+        from .random_model import ByteTokenizer, build_random_model
+
+        torch, _ = _require_torch()
+        model = build_random_model(src.spec, getattr(torch, dtype_name), device or "cpu",
+                                   src.seed)
+        return LoadedModel(model, ByteTokenizer(src.spec.vocab_size), src,
+                           time.perf_counter() - t0, False, None)
     # Check the architecture from metadata first: cheap, and works without torch.
     if src.kind == "gguf":
         arch = gguf_architecture(src.path)
