@@ -47,7 +47,9 @@ def long_prompts(n: int, tokens: int) -> list[str]:
     out = []
     for i in range(n):
         start = 200_000 + 60_000 * i
-        out.append("Summarize the following text.\n\n" + text[start : start + 4 * tokens])
+        passage = text[start : start + 4 * tokens]
+        out.append(f"Here is a passage from a novel:\n\n{passage}\n\n"
+                   "Summarize this passage in a few paragraphs.")
     return out
 
 
@@ -61,6 +63,9 @@ def run_once(args: argparse.Namespace, strategy: str, prompt_file: Path) -> dict
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if res["new_tokens"] < args.max_new_tokens // 2:
+        print(f"warning: {strategy} stopped after {res['new_tokens']} tokens "
+              f"({res['stop_reason']}): this prompt measures little decoding", flush=True)
     return {
         "strategy": strategy,
         "tokens_per_second": res["tokens_per_second"],
