@@ -123,6 +123,11 @@ def test_cli_device_errors_are_one_line(capsys, device, message):
 def test_backend_reports_its_device(qwen3):
     be = TorchEagerBackend.from_hf(qwen3, device="cpu")
     assert be.device == torch.device("cpu")
+    for dtype in ("auto", "float32", torch.float32, None):  # auto / None: the model's own
+        assert TorchEagerBackend.from_hf(qwen3, dtype=dtype, device="auto").dtype == \
+            torch.float32
+    with pytest.raises(KnapSpecError, match="bfloat16"):
+        TorchEagerBackend.from_hf(qwen3, dtype="bfloat16")
     for t in (be.k_cache, be.cos, be.sin, be.embed_w):
         assert t.device == be.device
     d = be.describe()

@@ -183,7 +183,7 @@ class TorchCompileBackend(TorchEagerBackend):
         model: Any,
         tokenizer: Any = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,

@@ -145,7 +145,7 @@ class TorchEagerBackend(Backend):
         model: Any,
         tokenizer: Any = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         threads: int | None = None,
         max_context: int | None = None,
         capture_tokens: int = 8,
@@ -162,7 +162,7 @@ class TorchEagerBackend(Backend):
         self,
         model: Any,
         tokenizer: Any,
-        dtype: torch.dtype | None,
+        dtype: torch.dtype | str | None,
         threads: int | None,
         max_context: int | None,
         capture_tokens: int,
@@ -180,7 +180,7 @@ class TorchEagerBackend(Backend):
         self._setup(
             model,
             tokenizer,
-            dtype,
+            None if dtype == "auto" else parse_dtype(dtype),  # None: the model's
             None if device in (None, "auto") else resolve_device(device),
             max_context,
             capture_tokens,
