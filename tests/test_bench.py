@@ -106,8 +106,11 @@ def test_bench_cli_compares_backends_in_one_run(monkeypatch, tmp_path, capsys):
             vocab=24, n_layers=4)
 
     monkeypatch.setattr(runtime, "build_backend", fake_build)
-    monkeypatch.setattr(runtime, "config_cost_model", lambda c, b, progress=True:
-                        fake_cost_model())
+    def fake_cost(config, backend, progress=True, notice=None):
+        notice(f"measuring {config.backend.name} once")  # what a first profile says
+        return fake_cost_model()
+
+    monkeypatch.setattr(runtime, "config_cost_model", fake_cost)
     monkeypatch.setattr(bench_mod, "make_prompts", lambda be, ctx, n, data=None:
                         [Prompt("p", c, [1, 2, 3, 4]) for c in ctx])
     cfg = tmp_path / "knapspec.toml"
@@ -131,7 +134,9 @@ def test_bench_cli_compares_backends_in_one_run(monkeypatch, tmp_path, capsys):
         (b, s) for b in ("torch", "torch-compile", "llamacpp") for s in ("ar", "knapspec")}
     assert all(s["cross_backend_ratio"] == 1.0 for s in summary if s["backend"] == "torch")
     assert all(r["new_tokens"] == 10 for r in result["rows"])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "knapspec: measuring torch-compile once" in captured.err  # said before profiling
     assert "| torch-compile | knapspec |" in text and "tok/s vs torch" in text
     assert "warm-up (outside decode time): torch-compile 1.5 s" in text
     assert md.read_text().startswith("| context")

@@ -197,7 +197,8 @@ def _run_backend(
     backend = build_backend(config)
     layout = backend.layout
     try:
-        cost_model = config_cost_model(config, backend)
+        cost_model = config_cost_model(
+            config, backend, notice=lambda line: sys.stderr.write(f"knapspec: {line}\n"))
         info: dict[str, Any] = {"name": name, **backend.describe(),
                                 "costmodel": config.costmodel.source}
         if args.sweep:
