@@ -253,7 +253,7 @@ def test_bench_cli_with_simulated_acceptance(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(runtime, "build_backend", lambda config: FakeBackend(vocab=24,
                                                                              n_layers=4))
-    monkeypatch.setattr(runtime, "config_cost_model", lambda c, b, progress=True:
+    monkeypatch.setattr(runtime, "config_cost_model", lambda c, b, **kw:
                         fake_cost_model())
     monkeypatch.setattr(bench_mod, "make_prompts", lambda be, ctx, n, data=None:
                         [Prompt("p", c, list(range(1, 20))) for c in ctx])
