@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import KnapSpecError
 from ...sampling import SamplingParams
 
 
@@ -58,7 +59,8 @@ def select(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     else a sample (``gen`` is then required)."""
     if params.greedy:
         return logits.argmax(-1)
-    assert gen is not None, "sampling needs a generator"
+    if gen is None:
+        raise KnapSpecError("internal: sampling on the device needs a torch.Generator")
     return sample(probabilities(logits, params), gen)
 
 
@@ -135,6 +137,9 @@ def verify_rows(
         return torch.cat([torch.full((1,), n, dtype=torch.long, device=nxt.device), nxt])
     if params.greedy:
         return greedy_verify(drafts, logits)
-    assert gen is not None and q is not None, "rejection sampling needs q and a generator"
+    if gen is None or q is None:
+        raise KnapSpecError(
+            "internal: rejection sampling on the device needs the draft distributions and a "
+            "torch.Generator")
     q = torch.as_tensor(q, dtype=torch.float32, device=logits.device)
     return rejection_verify(drafts, q, probabilities(logits, params), gen)
