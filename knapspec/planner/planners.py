@@ -67,6 +67,13 @@ class Planner(ABC):
         """
         return self.needs_oracle
 
+    def observe(self, plan: DraftPlan, drafted: int, accepted: int) -> None:  # noqa: B027
+        """Report one drafting round run under ``plan``: ``drafted`` tokens proposed (>= 1),
+        the first ``accepted`` of them kept by verification (0 <= accepted <= drafted).
+
+        Any decoding loop calls this after each round that drafted; the default ignores it.
+        """
+
     def warmup(self) -> float:
         """Prepare what the first plan would otherwise pay for once per process (numba
         kernels loaded from their cache or compiled); call it off the timed path.
