@@ -392,6 +392,67 @@ def test_oracle_scores_on_the_device_path_match_the_host_path(qwen3):
     assert host[0][-1] == 0.0 and host[0][0] == pytest.approx(1.0)
 
 
+class NumpyView:
+    """The same oracle as plain numpy (boundary states, blocks, logits; no score methods):
+    what a minimal third-party oracle offers, served by ``knapspec.oracle``'s fallbacks."""
+
+    def __init__(self, oracle):
+        self.oracle, self.layout = oracle, oracle.layout
+
+    def boundary_states(self):
+        return self.oracle.boundary_states().numpy()
+
+    def apply_block(self, block, states):
+        return self.oracle.apply_block(block, states).numpy()
+
+    def logits(self, states):
+        return self.oracle.logits(states).numpy()
+
+
+@pytest.mark.parametrize("strategy", ["knapspec", "clasp", "early-exit"])
+def test_planner_searches_keep_states_on_the_device(qwen3, monkeypatch, strategy):
+    """A search over a device oracle moves only per-candidate scores ``[S]`` to the host
+    (``Tensor.cpu`` / ``.to("cpu")`` of 1-D tensors), never states or logits, and plans as
+    the same search over a numpy view of the oracle does."""
+    from fake_backend import fake_cost_model
+
+    from knapspec.planner import PlanContext, make_planner
+
+    be = TorchEagerBackend.from_hf(qwen3, capture_tokens=6)
+    be.prefill(make_ids(40, seed=3), capture=True)
+    oracle = be.block_oracle()
+    oracle._on_host = False  # the GPU's path: scores computed where the states are
+    cost = fake_cost_model()  # drafting pays: every search runs
+    layout = be.layout
+    moved = []
+    real_cpu, real_to = torch.Tensor.cpu, torch.Tensor.to
+
+    def spy_cpu(t, *a, **k):
+        moved.append(tuple(t.shape))
+        return real_cpu(t, *a, **k)
+
+    def spy_to(t, *a, **k):
+        if any(str(x) == "cpu" for x in [*a, *k.values()]):
+            moved.append(tuple(t.shape))
+        return real_to(t, *a, **k)
+
+    ctx = {"context": be.length, "generated": 64, "remaining_tokens": 10_000}
+    # knapspec's prior gate: blocks predicted redundant, so the search runs
+    opts = {"prior_scores": np.full(2 * N_LAYERS, 1e-4)} if strategy == "knapspec" else {}
+    planner = make_planner(strategy, layout, cost, **opts)
+    monkeypatch.setattr(torch.Tensor, "cpu", spy_cpu)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    on_device = planner.plan(PlanContext(oracle=oracle, **ctx))
+    monkeypatch.undo()
+    assert moved, "the search never scored a candidate"
+    assert all(len(shape) == 1 for shape in moved), moved
+    reference = make_planner(strategy, layout, cost, **opts).plan(
+        PlanContext(oracle=NumpyView(oracle), **ctx))
+    assert np.array_equal(on_device.mask, reference.mask)
+    assert on_device.draft_length == reference.draft_length
+    assert on_device.alpha == pytest.approx(reference.alpha, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- bfloat16
 
 

@@ -37,32 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from ..agreement import cosine, top1_agreement, tv_acceptance
 from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
-from ..oracle import BlockOracle
-from ..oracle import oracle_array as _np
+from ..oracle import BlockOracle, agreement, concat, similarity
 from .plan import DraftPlan, select_plan
 from .planners import AdditivePlanner, AutoregressivePlanner, PlanContext, Planner
 
 log = logging.getLogger(__name__)
-
-
-def mean_cosine(states: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Mean over tokens of cosine(states[s, t], ref[t]): ``[S, T, D], [T, D] -> [S]``."""
-    return cosine(states, ref[None]).mean(axis=1)
-
-
-def alphas_from_logits(
-    cand_logits: np.ndarray, full_logits: np.ndarray, proxy: str
-) -> np.ndarray:
-    """Acceptance per candidate ``[S]`` from logits ``[S, T, V]`` against ``[T, V]``."""
-    if proxy == "top1":
-        return top1_agreement(cand_logits, full_logits[None])
-    if proxy == "tv":
-        return tv_acceptance(cand_logits, full_logits[None])
-    raise KnapSpecError(f"unknown logits proxy {proxy!r} (known: top1, tv)")
 
 
 def group_dp(
@@ -99,15 +81,15 @@ def group_dp(
     """
     if bucket is not None and bucket <= 0:
         raise KnapSpecError(f"bucket must be > 0, got {bucket}")
-    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
+    full = oracle.boundary_states()  # [2L + 1, T, D], on the oracle's device
     n_blocks = full.shape[0] - 1
-    states = full[:1]  # [S, T, D], S = 1: the embeddings
+    states = full[:1]  # [S, T, D], S = 1: the embeddings (the oracle's kind throughout)
     skipped = np.zeros(1)  # [S] skipped cost so far
     masks = np.zeros((1, n_blocks), dtype=bool)  # [S, 2L]
     for group, w, can_skip in zip(groups, costs, skippable, strict=True):
         kept = states
         for b in group:  # keep: every state through the group's blocks, one batched call
-            kept = _np(oracle.apply_block(b, kept))
+            kept = oracle.apply_block(b, kept)
         cand_states, cand_skipped, cand_masks = [kept], [skipped], [masks]
         if can_skip:
             ok = skipped + w <= max_skipped * (1 + 1e-9)
@@ -117,10 +99,10 @@ def group_dp(
                 cand_states.append(states[ok])
                 cand_skipped.append(skipped[ok] + w)
                 cand_masks.append(skip_masks)
-        all_states = np.concatenate(cand_states)  # [S', T, D]
+        all_states = concat(oracle, cand_states)  # [S', T, D]
         all_skipped = np.concatenate(cand_skipped)  # [S']
         all_masks = np.concatenate(cand_masks)  # [S', 2L]
-        sim = mean_cosine(all_states, full[group[-1] + 1])  # [S']
+        sim = similarity(oracle, all_states, group[-1] + 1, full)  # [S'] on the host
         pick = (_bucket_pick(all_skipped, sim, bucket) if bucket is not None
                 else _pareto_pick(all_skipped, sim, max_states))
         states, skipped, masks = all_states[pick], all_skipped[pick], all_masks[pick]
@@ -225,7 +207,7 @@ class KnapSpecPlanner(Planner):
 
     @staticmethod
     def _oracle_tokens(oracle: BlockOracle) -> int:
-        return int(_np(oracle.boundary_states()).shape[1])
+        return int(oracle.boundary_states().shape[1])
 
     def candidates(self, oracle: BlockOracle, context: float) -> tuple[np.ndarray, np.ndarray]:
         """Run the DP: masks ``[K, 2L]`` and alphas ``[K]`` (one per surviving budget)."""
@@ -237,18 +219,18 @@ class KnapSpecPlanner(Planner):
         _, masks, states = group_dp(
             oracle, groups, costs, skippable, None, total, max_states=self.resolution + 1
         )
-        full = _np(oracle.boundary_states())
-        return self._score(oracle, masks, states, full[-1])
+        return self._score(oracle, masks, states)
 
     def _score(
-        self, oracle: BlockOracle, masks: np.ndarray, states: np.ndarray, final: np.ndarray
+        self, oracle: BlockOracle, masks: np.ndarray, states: Any
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Drafting masks ``[K, 2L]`` among ``masks`` and their acceptance ``[K]`` from the
+        agreement of their final ``states`` ``[S, T, D]`` (oracle's kind) with the full model."""
         drafting = masks.any(axis=1)  # the all-kept state is plain decoding
         masks, states = masks[drafting], states[drafting]
         if len(masks) == 0:
             return masks, np.zeros(0)
-        logits = _np(oracle.logits(np.concatenate([states, final[None]])))  # [K + 1, T, V]
-        return masks, alphas_from_logits(logits[:-1], logits[-1], self.proxy)
+        return masks, agreement(oracle, states, self.proxy)
 
     def worth_searching(self, ctx: PlanContext) -> bool:
         """Can a draft beat autoregressive by more than the search costs?
@@ -349,8 +331,7 @@ class ClaspPlanner(KnapSpecPlanner):
             oracle, groups, [1.0] * lay.n_layers, skippable, 1.0, self.n_skip_layers
         )
         pick = np.rint(skipped) == self.n_skip_layers
-        full = _np(oracle.boundary_states())
-        return self._score(oracle, masks[pick], states[pick], full[-1])
+        return self._score(oracle, masks[pick], states[pick])
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
         if ctx.oracle is not None and ctx.generated >= self.min_generated:
@@ -396,11 +377,10 @@ class EarlyExitPlanner(Planner):
         stale = self._candidates is None or ctx.context >= 2 * self._measured_at
         if ctx.oracle is not None and ctx.generated >= self.min_generated and stale:
             self._measured_at = ctx.context
-            full = _np(ctx.oracle.boundary_states())  # [2L + 1, T, D]
+            full = ctx.oracle.boundary_states()  # [2L + 1, T, D]
             exits = list(range(self.min_layers, L))  # layers kept
-            states = np.stack([full[2 * m] for m in exits] + [full[-1]])
-            logits = _np(ctx.oracle.logits(states))  # [E + 1, T, V]
-            alphas = alphas_from_logits(logits[:-1], logits[-1], self.proxy)
+            states = full[np.array([2 * m for m in exits], dtype=np.int64)]  # [E, T, D]
+            alphas = agreement(ctx.oracle, states, self.proxy, full)
             masks = np.zeros((len(exits), 2 * L), dtype=bool)
             for r, m in enumerate(exits):
                 masks[r, 2 * m:] = True
@@ -411,24 +391,22 @@ class EarlyExitPlanner(Planner):
                            self.max_draft_length, strategy=self.name)
 
 
-def masked_final_states(oracle: BlockOracle, masks: np.ndarray) -> np.ndarray:
-    """Final states ``[K, T, D]`` of ``K`` skip masks ``[K, 2L]``, all in one batched pass."""
+def masked_final_states(oracle: BlockOracle, masks: np.ndarray) -> Any:
+    """Final states ``[K, T, D]`` (the oracle's kind: a tensor on its device, or numpy) of
+    ``K`` skip masks ``[K, 2L]``, all in one batched pass."""
     masks = np.asarray(masks, dtype=bool)
-    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
-    states = np.repeat(full[:1], len(masks), axis=0)  # [K, T, D]
+    full = oracle.boundary_states()  # [2L + 1, T, D]
+    states = concat(oracle, [full[:1]] * len(masks))  # [K, T, D], a fresh batch
     for b in range(full.shape[0] - 1):
         run = ~masks[:, b]
         if run.any():
-            states[run] = _np(oracle.apply_block(b, states[run]))
+            states[run] = oracle.apply_block(b, states[run])
     return states
 
 
 def mask_alphas(oracle: BlockOracle, masks: np.ndarray, proxy: str = "top1") -> np.ndarray:
     """Acceptance ``[K]`` of each mask from its logits' agreement with the full model."""
-    full = _np(oracle.boundary_states())
-    states = masked_final_states(oracle, masks)
-    logits = _np(oracle.logits(np.concatenate([states, full[-1:]])))  # [K + 1, T, V]
-    return alphas_from_logits(logits[:-1], logits[-1], proxy)
+    return agreement(oracle, masked_final_states(oracle, masks), proxy)
 
 
 def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
@@ -437,10 +415,10 @@ def oracle_block_scores(oracle: BlockOracle) -> np.ndarray:
     One batched pass: candidate ``s`` skips block ``s``; all ``2L`` candidates go through
     every block together.
     """
-    full = _np(oracle.boundary_states())  # [2L + 1, T, D]
+    full = oracle.boundary_states()  # [2L + 1, T, D]
     n_blocks = full.shape[0] - 1
     states = masked_final_states(oracle, np.eye(n_blocks, dtype=bool))
-    return 1.0 - mean_cosine(states, full[-1])
+    return 1.0 - similarity(oracle, states, n_blocks, full)
 
 
 class OracleAdditivePlanner(AdditivePlanner):
@@ -493,7 +471,7 @@ class OracleAdditivePlanner(AdditivePlanner):
             return False
         if ctx.remaining_tokens is None:
             return True
-        tokens = int(_np(ctx.oracle.boundary_states()).shape[1])
+        tokens = int(ctx.oracle.boundary_states().shape[1])
         saved = ctx.remaining_tokens * (1.0 / prior.ar_tokens_per_second
                                         - 1.0 / prior.tokens_per_second)
         cost = self.cost_model.full_step_seconds(self.layout.n_layers, ctx.context,
