@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from .backends import BACKENDS, BackendOption
 from .errors import KnapSpecError
-from .planner.factory import STRATEGIES
+from .planner.factory import ENTRY_POINT_GROUP, STRATEGIES, strategy_names, unknown_strategy
 from .planner.solvers import METHODS
 
 DEFAULT = "default"  # provenance of a key nobody set
@@ -63,7 +63,8 @@ def _key(
 ) -> dict[str, Any]:
     """Field metadata: meaning, TOML type and the checks ``_check`` applies.
 
-    kind: ``str``, ``int``, ``float``, ``path``, ``int-list`` or ``str-list``; ``strategies``:
+    kind: ``str``, ``int``, ``float``, ``bool``, ``path``, ``int-list``, ``str-list`` or
+    ``strategy`` (a built-in or installed strategy name); ``strategies``:
     for planner keys, the strategies that take the key (empty: all); ``example``: value shown
     in the generated file for keys without a default; ``default_text``: what unset means;
     ``commented``: the generated file shows the default commented out (keys that are errors
@@ -109,7 +110,8 @@ class PlannerSection:
     """
 
     strategy: str = field(default="knapspec", metadata=_key(  # planner.factory.STRATEGIES
-        "how draft configurations are chosen (ar = plain decoding)", "str",
+        "how draft configurations are chosen (ar = plain decoding; installed packages add "
+        f"strategies through the entry-point group {ENTRY_POINT_GROUP})", "strategy",
         choices=tuple(STRATEGIES)))
     replan_interval: int = field(default=8, metadata=_key(  # verify rounds
         "verify rounds between plans", "int", minimum=1))
@@ -141,6 +143,26 @@ class PlannerSection:
     min_layers: int | None = field(default=None, metadata=_key(  # layers
         "fewest layers an early-exit draft keeps", "int", minimum=1,
         strategies=("early-exit",), example=2, default_text="2"))
+    mask: tuple[int, ...] | None = field(default=None, metadata=_key(  # block indices
+        "a fixed plan: the blocks its drafts skip (block 2i = attention of layer i, 2i + 1 = "
+        "its MLP)", "int-list", minimum=0, strategies=("static",), example=[4, 5, 6],
+        default_text="searched once by KnapSpec's DP"))
+    draft_length: int | None = field(default=None, metadata=_key(  # tokens
+        "the fixed plan's draft length, drafted even where predicted slower than plain "
+        "decoding (needs mask)", "int", minimum=1, strategies=("static",), example=4,
+        default_text="chosen by TPT; plain decoding when no draft pays"))
+    alpha: float | None = field(default=None, metadata=_key(  # per-token probability
+        "the fixed plan's predicted per-token acceptance (needs mask)", "float",
+        minimum=0.0, maximum=1.0, strategies=("static",), example=0.8,
+        default_text="the prior fidelity profile's estimate for the mask"))
+    calibrate: bool = field(default=True, metadata=_key(  # on/off
+        "learn each mask's acceptance from drafting (Beta posterior around the prediction); "
+        "drop plans that lose to plain decoding under it", "bool"))
+    prior_strength: float = field(default=8.0, metadata=_key(  # pseudo-tokens
+        "weight of the predicted acceptance against observed tokens", "float", above=0.0))
+    replan_margin: float = field(default=0.1, metadata=_key(  # acceptance difference
+        "re-plan at once when calibrated and predicted acceptance differ by more", "float",
+        above=0.0))
 
     def options_for(self, strategy: str | None = None) -> dict[str, Any]:
         """Strategy-specific keyword arguments for ``planner.factory.make_planner``.
@@ -264,6 +286,14 @@ def _check_value(path: str, value: Any, meta: Mapping[str, Any]) -> Any:
     kind = meta["kind"]
     if kind == "int":
         return _check_int(path, value, meta["minimum"])
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise KnapSpecError(f"{path}: expected a boolean, got {_got(value)}")
+        return value
+    if kind == "strategy":
+        if _check_str(path, value) not in strategy_names():
+            raise KnapSpecError(f"{path}: {unknown_strategy(value)}")
+        return value
     if kind == "float":
         return _check_float(path, value, meta)
     if kind in ("str", "path"):
@@ -460,6 +490,10 @@ class KnapSpecConfig:
     def _check_combinations(self) -> None:
         """Checks across keys: strategy-specific planner keys, roofline-only keys."""
         self.planner.options_for()
+        pl = self.planner
+        for key in ("draft_length", "alpha"):
+            if getattr(pl, key) is not None and pl.mask is None:
+                raise KnapSpecError(f"planner.{key}: needs planner.mask (a fixed plan)")
         cm = self.costmodel
         if cm.source == "roofline":
             from .costmodels.specs import get_hardware_spec, get_model_spec

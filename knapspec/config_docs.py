@@ -45,7 +45,8 @@ def _field_default(f: dataclasses.Field) -> Any:
 def _type_text(meta: Mapping[str, Any]) -> str:
     kind = meta["kind"]
     base = {"str": "string", "path": "string (path)", "int": "integer", "float": "float",
-            "int-list": "array of integers", "str-list": "array of strings"}[kind]
+            "bool": "boolean", "strategy": "string", "int-list": "array of integers",
+            "str-list": "array of strings"}[kind]
     lo, above, hi = meta.get("minimum"), meta.get("above"), meta.get("maximum")
     bounds = [f">= {lo:g}" if lo is not None and kind != "int-list" else "",
               f"> {above:g}" if above is not None else "", f"<= {hi:g}" if hi is not None

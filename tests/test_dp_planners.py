@@ -299,11 +299,18 @@ def test_each_strategy_builds_one_planner_named_after_it(strategy):
     assert planner.name == strategy
 
 
-def test_static_strategy_refuses_a_fixed_mask_and_says_what_to_use():
+def test_static_strategy_with_a_mask_plans_that_mask():
     from knapspec.errors import KnapSpecError
 
-    with pytest.raises(KnapSpecError, match="StaticPlanner"):
-        make_planner("static", BlockLayout(4), fake_cost_model(), 4, mask=np.zeros(8, bool))
+    planner = make_planner("static", BlockLayout(4), fake_cost_model(), 4, mask=[2, 5],
+                           draft_length=3)
+    plan = planner.plan(PlanContext(context=64))
+    assert list(np.flatnonzero(plan.mask)) == [2, 5] and plan.draft_length == 3
+    assert plan.strategy == "static" and plan.forced
+    with pytest.raises(KnapSpecError, match=r"planner\.mask: .*pinned block\(s\) \[0\]"):
+        make_planner("static", BlockLayout(4), fake_cost_model(), 4, mask=[0, 2])
+    with pytest.raises(KnapSpecError, match=r"planner\.proxy: does not apply with planner\.mask"):
+        make_planner("static", BlockLayout(4), fake_cost_model(), 4, mask=[2], proxy="tv")
 
 
 def test_plans_name_the_planner_and_the_fidelity_they_used():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KnapSpecError
-from ..planner.factory import STRATEGIES
+from ..planner.factory import STRATEGIES, strategy_names, unknown_strategy
 from .common import add_backend_arguments, add_generation_arguments, add_planner_arguments
 from .plan import parse_contexts
 
@@ -41,10 +41,11 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated backends to compare in one run (one in memory at a "
                    "time); overrides --backend and backend.name")
     p.add_argument("--strategies", default=None,
-                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default: ar and "
+                   help=f"comma-separated, from {', '.join(STRATEGIES)} or a strategy an "
+                   "installed package registers (default: ar and "
                    f"planner.strategy when the config or --strategy sets it, else "
                    f"{ALL_STRATEGIES})")
-    p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+    p.add_argument("--strategy", default=None,
                    help="set planner.strategy (bench runs ar and it unless --strategies)")
     p.add_argument("--peers", action="store_true",
                    help="add Hugging Face generate(): greedy, prompt lookup, early-exit assisted")
@@ -148,9 +149,10 @@ def _strategies(args: argparse.Namespace, config: Any) -> list[str]:
     else:
         text = ALL_STRATEGIES
     strategies = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    known = strategy_names()
+    unknown = [s for s in strategies if s not in known]
     if unknown:
-        raise KnapSpecError(f"unknown strategy {unknown[0]!r} (available: {', '.join(STRATEGIES)})")
+        raise unknown_strategy(unknown[0])
     return strategies
 
 

@@ -79,8 +79,9 @@ def add_backend_arguments(p: argparse.ArgumentParser, cost_model: bool = True) -
 def add_planner_arguments(p: argparse.ArgumentParser, strategy: bool = True) -> None:
     """``--strategy``, ``--max-draft-length``, ``--replan-interval``."""
     if strategy:
-        p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
-                       help="how draft configurations are chosen (ar = plain decoding; "
+        p.add_argument("--strategy", default=None,
+                       help=f"how draft configurations are chosen: {', '.join(STRATEGIES)} "
+                       "or a strategy an installed package registers (ar = plain decoding; "
                        f"default: {_default('planner.strategy')})")
     p.add_argument("--max-draft-length", type=int, default=None,
                    help=f"largest draft length in tokens (default: "

@@ -1,7 +1,8 @@
 """Backend-free planning: knapsack solvers, the TPT objective, proxies and planners."""
 
 from ..oracle import BlockOracle
-from .factory import STRATEGIES, make_planner
+from .calibration import CalibratedPlanner, MaskStats
+from .factory import ENTRY_POINT_GROUP, STRATEGIES, make_planner, strategy_names
 from .fidelity import default_block_scores, load_block_scores, resample_profile
 from .objective import expected_tokens, round_seconds, verify_seconds
 from .oracle_planners import (
@@ -18,6 +19,7 @@ from .planners import (
     PlanContext,
     Planner,
     StaticPlanner,
+    prior_alpha,
 )
 from .proxies import (
     AcceptanceProxy,
@@ -36,11 +38,13 @@ from .solvers import (
 )
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "STRATEGIES",
     "AcceptanceProxy",
     "AdditivePlanner",
     "AutoregressivePlanner",
     "BlockOracle",
+    "CalibratedPlanner",
     "ClaspPlanner",
     "CosineProxy",
     "CostBreakdown",
@@ -49,6 +53,7 @@ __all__ = [
     "KnapSpecPlanner",
     "KnapsackFrontier",
     "KnapsackResult",
+    "MaskStats",
     "OracleAdditivePlanner",
     "PlanContext",
     "Planner",
@@ -65,8 +70,10 @@ __all__ = [
     "load_block_scores",
     "make_planner",
     "make_proxy",
+    "prior_alpha",
     "resample_profile",
     "round_seconds",
     "select_plan",
+    "strategy_names",
     "verify_seconds",
 ]

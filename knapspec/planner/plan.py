@@ -49,6 +49,9 @@ class DraftPlan:
     strategy: str = ""  # name of the planner that produced it
     extra: dict[str, Any] = field(default_factory=dict)  # planner-specific diagnostics
     reason: str = ""  # why it drafts nothing, e.g. "no draft pays at context 46 ..." ("" if d>0)
+    # drafts even where predicted slower than autoregressive (select_plan(force=True): a
+    # fixed draft length); calibration keeps such a plan drafting
+    forced: bool = False
 
     @property
     def is_autoregressive(self) -> bool:
@@ -96,6 +99,7 @@ class DraftPlan:
             "verify_seconds": self.cost.verify_seconds,
             "ar_step_seconds": self.cost.ar_step_seconds,
             "reason": self.reason,
+            "forced": self.forced,
         }
 
 
@@ -184,6 +188,7 @@ def select_plan(
         tokens_per_second=float(tpt[k, j]),
         cost=cost,
         strategy=strategy,
+        forced=force,
     )
 
 

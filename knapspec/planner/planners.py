@@ -26,7 +26,7 @@ from ..costmodels.specs import DecoderSpec, get_model_spec
 from ..errors import KnapSpecError
 from ..oracle import BlockOracle
 from . import solvers
-from .fidelity import default_scores_for_spec
+from .fidelity import default_block_scores, default_scores_for_spec
 from .plan import DraftPlan, select_plan
 from .proxies import CosineProxy
 from .solvers import knapsack_frontier
@@ -67,12 +67,21 @@ class Planner(ABC):
         """
         return self.needs_oracle
 
-    def observe(self, plan: DraftPlan, drafted: int, accepted: int) -> None:  # noqa: B027
+    def observe(self, plan: DraftPlan, drafted: int, accepted: int) -> bool:
         """Report one drafting round run under ``plan``: ``drafted`` tokens proposed (>= 1),
         the first ``accepted`` of them kept by verification (0 <= accepted <= drafted).
 
-        Any decoding loop calls this after each round that drafted; the default ignores it.
+        Any decoding loop calls this after each round that drafted.  Returns True when the
+        loop should re-plan before its next round (what was observed parted from what
+        ``plan`` predicted); the default ignores the report and returns False.  Planners
+        built by ``make_planner`` are wrapped in ``CalibratedPlanner``, which learns from it.
         """
+        return False
+
+    def acceptance(self, plan: DraftPlan) -> float:
+        """The current estimate of ``plan``'s per-token acceptance in [0, 1] (the default:
+        the alpha it was made with; a calibrating planner says what it has learned)."""
+        return plan.alpha
 
     def warmup(self) -> float:
         """Prepare what the first plan would otherwise pay for once per process (numba
@@ -82,6 +91,19 @@ class Planner(ABC):
             seconds spent (0.0 for planners with nothing to prepare).
         """
         return 0.0
+
+
+def prior_alpha(
+    mask: np.ndarray, scores: np.ndarray | None = None, compounding: float = 1.0
+) -> float:
+    """Predicted per-token acceptance of skip mask ``[2L]`` with no model in the loop: the
+    fidelity loss ``sum(scores[skipped]) ** compounding`` through the cosine proxy (what
+    ``AdditivePlanner`` predicts).  ``scores``: ``[2L]`` per-block losses (default: the
+    built-in profile, ``default_block_scores``)."""
+    mask = np.asarray(mask, dtype=bool)
+    scores = default_block_scores(len(mask) // 2) if scores is None else np.asarray(scores)
+    cos = 1.0 - float(scores[mask].sum()) ** compounding
+    return float(np.clip(CosineProxy().alpha_from_cosine(np.array([cos]))[0], 0.0, 1.0))
 
 
 class AutoregressivePlanner(Planner):
@@ -107,7 +129,8 @@ class AutoregressivePlanner(Planner):
 class StaticPlanner(Planner):
     """A fixed skip mask with a fixed or TPT-chosen draft length (plans named ``fixed``).
 
-    With ``draft_length`` given, that plan is returned even when the cost model predicts it
+    ``alpha`` (predicted per-token acceptance) defaults to ``prior_alpha(mask)``.  With
+    ``draft_length`` given, that plan is returned even when the cost model predicts it
     slower than autoregressive (useful for sweeps that force a plan).  Without it, the draft
     length is chosen by TPT and the autoregressive plan wins when no draft pays.  Not a
     strategy: ``--strategy static`` searches its mask once (``StaticSearchPlanner``).
@@ -120,13 +143,15 @@ class StaticPlanner(Planner):
         layout: BlockLayout,
         cost_model: CostModel,
         mask: np.ndarray,
-        alpha: float,
+        alpha: float | None = None,
         draft_length: int | None = None,
         max_draft_length: int = 8,
     ) -> None:
         self.layout = layout
         self.cost_model = cost_model
         self.mask = layout.validate_mask(mask)
+        if alpha is None:
+            alpha = prior_alpha(self.mask)
         if not 0.0 <= alpha <= 1.0:
             raise KnapSpecError(f"alpha must lie in [0, 1], got {alpha!r}")
         if draft_length is not None and draft_length < 0:
