@@ -6,9 +6,10 @@ One llama.cpp context runs the target (the GGUF file as given).  A skip mask is 
 mask.  Draft files are content-addressed on disk, so a mask is written once per machine.
 
 KV semantics match the torch backend (drafting attends to the target's KV of every
-verified position): before a draft step the draft's cache is brought up to the verified
-history by copying the target's KV rows of its kept attention layers (``kvstate``); its
-own drafted positions are rolled back afterwards.  A fresh draft is seeded the same way
+verified position): before the first draft step of a round the draft's cache is brought
+up to the verified history by copying the target's KV rows of its kept attention layers
+(``kvstate``); the round's later steps attend to the draft's own KV of its drafted
+positions, which are rolled back afterwards.  A fresh draft is seeded the same way
 (the whole context in one copy, ~100x cheaper than re-prefilling it).
 
 Costs the method adds are measured and exposed: ``switch_seconds(mask)`` (write + load +
@@ -30,6 +31,7 @@ import numpy as np
 
 from ...blocks import BlockLayout
 from ...errors import KnapSpecError
+from ...sampling import SamplingParams, probabilities, sample
 from ..base import Backend
 from .gguf_draft import (
     DRAFTABLE,
@@ -182,6 +184,23 @@ class LlamaCppBackend(Backend):
     def cached_tokens(self) -> list[int | None] | None:
         return list(self._ids)
 
+    def extend_history(self, tokens: Sequence[int]) -> None:
+        """Append verified ``tokens`` to the sequence without running them now: the target
+        evaluates them (no logits) when a later ``forward`` or draft needs their KV.
+
+        For loops that verify elsewhere (``knapspec.integrations.llama_cpp``): they show
+        this backend the verified history and only ask it to draft.
+        """
+        tokens = [int(t) for t in tokens]
+        if len(self._ids) + len(tokens) > self.max_context:
+            raise KnapSpecError(
+                f"context full: {len(self._ids)} + {len(tokens)} tokens > {self.max_context}"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise KnapSpecError(f"token id {bad[0]} out of range (vocabulary {self.vocab_size})")
+        self._ids.extend(tokens)
+
     def _runners(self) -> list[LlamaRunner]:
         return [self._target, *(r for r, _ in self._pool.values())]
 
@@ -218,6 +237,44 @@ class LlamaCppBackend(Backend):
             runner[0].checked = len(runner[0].ids)
         self._ids.extend(tokens)
         return logits
+
+    def draft(
+        self,
+        last: int,
+        mask: np.ndarray,
+        n: int,
+        sampling: SamplingParams,
+        rng: np.random.Generator,
+        stop_ids: frozenset[int],
+    ) -> tuple[list[int], Any]:
+        """``Backend.draft`` with one KV sync per round: the first step gives the draft the
+        target's KV of the whole verified history; the later steps attend to the draft's own
+        KV of ``last`` and this round's drafted tokens (as on the torch backends), which the
+        next round's sync replaces once they are verified.  (Through ``forward`` every step
+        would first run the target on the previous drafted token and copy its KV.)"""
+        skip = self.layout.validate_mask(mask, allow_pinned=True)
+        if n < 1 or not skip.any():
+            return super().draft(last, mask, n, sampling, rng, stop_ids)
+        first = self.forward([last], skip, all_logits=False)[-1]  # syncs, then one step
+        runner = self._draft(skip)[0]
+        n = min(n, self.max_context - len(self._ids) + 1)  # the last draft is never run
+        tokens: list[int] = []
+        probs = []
+        logits = first
+        for i in range(n):
+            if sampling.greedy:
+                tok = int(np.argmax(logits))
+            else:
+                q = probabilities(logits, sampling)  # [V]
+                probs.append(q)
+                tok = sample(q, rng)
+            tokens.append(tok)
+            if tok in stop_ids or i == n - 1:
+                break  # a stop id ends the generation: nothing after it is kept
+            logits = runner.eval([tok], 1)[-1]  # [V], no sync: the draft's own KV
+            self._ids.append(tok)
+            runner.checked = len(runner.ids)
+        return tokens, (np.stack(probs) if probs else None)
 
     def _matched(self, runner: LlamaRunner, p: int) -> int:
         """Length of the common prefix of ``runner.ids`` and the history's first ``p``."""
