@@ -2,7 +2,7 @@
 
 Greedy output must equal the same model's ``model.generate(do_sample=False)`` token for
 token with drafting forced (a fixed skip plan, ``drafted > 0`` checked), on tiny random
-Llama / Qwen2 / Qwen3 models (4 layers, D = 64, weights re-drawn from a seed at a scale that
+Llama / Qwen2 / Qwen3 / Mistral models (4 layers, D = 64, weights re-drawn from a seed at a scale that
 makes logits O(10)) and on the real SmolLM2 (``slow``).  Also: seeded sampling, streamers, the
 Hub-style folder ``examples/custom_generate``, the backend kept on the model, and the errors
 for settings knapspec cannot honour.
@@ -34,7 +34,8 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
             num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=512)
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+         "mistral": ("MistralConfig", "MistralForCausalLM")}
 NO_EOS = dict(eos_token_id=None, pad_token_id=0)  # random models: run to max_new_tokens
 
 
