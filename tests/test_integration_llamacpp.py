@@ -223,6 +223,33 @@ def test_a_plan_that_does_not_pay_returns_no_drafts():
         dm.close()
 
 
+def test_a_plan_forced_from_the_config_reports_to_the_calibrating_planner():
+    """``planner.mask``/``draft_length`` force a static plan from a dict config; the rounds
+    reach the (calibrating) planner and the plan's record counts them as the decoder's
+    plan_history does."""
+    cfg = {"planner": {"strategy": "static", "mask": [int(b) for b in np.flatnonzero(_mask())],
+                       "draft_length": 4},
+           "costmodel": {"source": "roofline"}}
+    dm = KnapSpecDraftModel(knapspec_config=cfg, threads=2, max_context=512)
+    try:
+        path = str(dm.backend.model_path)
+        llm = Llama(path, n_ctx=512, n_threads=2, flash_attn=True, draft_model=dm,
+                    logits_all=True, verbose=False)
+        text = llm("Q: Name three rivers in Europe. A:", max_tokens=32, temperature=0)
+        assert text["usage"]["completion_tokens"] > 0
+        st = dm.stats
+        assert st.drafted > 0 and st.rounds * 4 >= st.drafted
+        assert [p["draft_length"] for p in st.plans] == [4]
+        rec = st.plans[0]
+        assert rec["drafted"] == st.reported and rec["accepted"] == st.accepted
+        assert rec["rounds"] == st.rounds - 1  # the last round's outcome is never seen
+        assert rec["observed_alpha"] == rec["accepted"] / (rec["accepted"] + rec["rejected"])
+        assert 0.0 <= rec["predicted_alpha"] <= 1.0
+        assert rec["predicted_alpha"] != rec["plan_alpha"]  # it learned from the rounds
+    finally:
+        dm.close()
+
+
 def test_config_file_and_bad_inputs(tmp_path):
     toml = tmp_path / "knapspec.toml"
     toml.write_text('[planner]\nstrategy = "ar"\nreplan_interval = 3\n\n'

@@ -28,8 +28,9 @@ picks.  At each call it
 2. brings the backend's token history to the new ids (rolled back to the common prefix,
    the rest appended; its target evaluates them when the draft next needs their KV, which
    it copies into the draft: drafts attend to the target's KV of every verified position);
-3. every ``planner.replan_interval`` calls, asks the planner for a plan (context = tokens
-   llama-cpp-python holds in its KV cache);
+3. every ``planner.replan_interval`` calls, or at once when ``observe`` asks for it (a
+   calibrating planner whose observed acceptance parted from the plan's), asks the planner
+   for a plan (context = tokens llama-cpp-python holds in its KV cache);
 4. drafts ``draft_length`` tokens greedily under the plan's skip mask (none when the plan is
    autoregressive: drafting does not pay), stopping at an end-of-generation id.
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ from ..backends import create_backend
 from ..config import KnapSpecConfig
 from ..costmodels.base import CostModel
 from ..costmodels.io import load_cost_model
+from ..decoding import _plan_record
 from ..errors import KnapSpecError
 from ..planner.plan import DraftPlan
 from ..planner.planners import PlanContext, Planner
@@ -106,8 +109,10 @@ class DraftStats:
     reported: int = 0  # drafts of rounds whose outcome is known (accepted <= reported)
     unreported: int = 0  # drafting rounds whose outcome was never seen (generation ended)
     generations: int = 0  # generations seen (a call that does not continue the last starts one)
-    # one record per plan change: DraftPlan.to_dict() plus "call" (index of the call that
-    # planned) and "generation" (its index); the masks in use, in order
+    # one record per plan change, as the decoder's plan_history (DraftPlan.to_dict(), then
+    # rounds, drafted, accepted, rejected, observed_alpha while it was in use, and
+    # predicted_alpha as last calibrated) plus "call" (index of the call that planned) and
+    # "generation" (its index)
     plans: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -129,6 +134,7 @@ class _Round:
     ids: list[int]  # the input ids of that call
     drafts: list[int]  # the drafts returned (empty: a plain step)
     plan: DraftPlan  # the plan they were drafted under
+    record: dict[str, Any]  # that plan's entry in stats.plans
 
 
 class KnapSpecDraftModel(LlamaDraftModel):
@@ -202,7 +208,9 @@ class KnapSpecDraftModel(LlamaDraftModel):
         self.stats = DraftStats()
         self._last: _Round | None = None  # the previous call
         self._plan: DraftPlan | None = None  # the plan in use
+        self._record: dict[str, Any] = {}  # its entry in stats.plans
         self._since_plan = 0  # calls since the last plan
+        self._replan_now = False  # the planner asked for a plan (observe returned True)
         self._generated = 0  # tokens generated in the current generation
 
     # ------------------------------------------------------------------ the hook
@@ -222,7 +230,7 @@ class KnapSpecDraftModel(LlamaDraftModel):
         self.stats.calls += 1
         self._settle(ids)
         self._sync(ids[:-1])
-        if self._plan is None or self._since_plan >= self.replan_interval:
+        if self._plan is None or self._since_plan >= self.replan_interval or self._replan_now:
             self._replan(len(ids) - 1)
         self._since_plan += 1
         plan = self._plan
@@ -233,7 +241,7 @@ class KnapSpecDraftModel(LlamaDraftModel):
                                  be.eos_token_ids)
             self.stats.rounds += 1
             self.stats.drafted += len(drafts)
-        self._last = _Round(ids, drafts, plan)
+        self._last = _Round(ids, drafts, plan, self._record)
         return np.asarray(drafts, dtype=np.intc)
 
     def _settle(self, ids: list[int]) -> None:
@@ -250,16 +258,29 @@ class KnapSpecDraftModel(LlamaDraftModel):
                 if len(new) == j + 1:  # the accepted drafts, then one token of the target's
                     self._generated += j + 1
                     if last.drafts:
-                        self.stats.accepted += j
-                        self.stats.reported += len(last.drafts)
-                        self.planner.observe(last.plan, len(last.drafts), j)
+                        self._observe(last, j)
                     return
             if last.drafts:
                 self.stats.unreported += 1
         self.stats.generations += 1
         self.planner.reset()
         self._plan = None
+        self._replan_now = False
         self._generated = 0
+
+    def _observe(self, last: _Round, accepted: int) -> None:
+        """Report a round whose drafts were seen accepted up to ``accepted``."""
+        drafted = len(last.drafts)
+        self.stats.accepted += accepted
+        self.stats.reported += drafted
+        rec = last.record
+        rec["rounds"] += 1
+        rec["drafted"] += drafted
+        rec["accepted"] += accepted
+        rec["rejected"] += int(accepted < drafted)
+        rec["observed_alpha"] = rec["accepted"] / (rec["accepted"] + rec["rejected"])
+        self._replan_now |= bool(self.planner.observe(last.plan, drafted, accepted))
+        rec["predicted_alpha"] = float(self.planner.acceptance(last.plan))
 
     def _sync(self, history: list[int]) -> None:
         """Make ``history`` the backend's sequence: keep the common prefix, append the rest
@@ -289,15 +310,18 @@ class KnapSpecDraftModel(LlamaDraftModel):
             oracle=None,  # llama.cpp offers no block oracle
             generated=self._generated,
         )
+        t0 = time.perf_counter()
         plan = self.planner.plan(ctx)
-        self._since_plan = 0
+        seconds = time.perf_counter() - t0
+        self._since_plan, self._replan_now = 0, False
         if current is None or plan.draft_length != current.draft_length or not np.array_equal(
             plan.mask, current.mask
         ):
-            rec = plan.to_dict()
+            rec = _plan_record(plan, seconds)
             rec["call"] = self.stats.calls - 1
             rec["generation"] = self.stats.generations - 1
             self.stats.plans.append(rec)
+            self._record = rec
             log.info("plan at %d: d=%d skip %s", context, plan.draft_length, plan.describe())
         self._plan = plan
 
