@@ -38,7 +38,10 @@ Drafts are greedy whatever llama-cpp-python samples with: its verification sampl
 position from the target and keeps a draft only where the sample equals it, so the output
 follows the target's distribution whichever drafts it is shown.  Greedy output therefore
 equals plain greedy decoding up to llama.cpp's batched-vs-single-token rounding on near-ties
-(its attention is not batch-invariant; docs/backends.md).
+(its attention is not batch-invariant; docs/backends.md).  Such flips are rarer with
+``flash_attn=True`` on ``Llama``: teacher-forced agreement with one-token greedy measured
+99.2% (3 Spec-Bench questions and an 838-token summary prompt, 64 tokens each, d = 4) with
+it, 96.3% without it, every disagreement a top-2 gap below 0.25.
 
 Pass ``logits_all=True`` to ``Llama`` with a draft model: llama-cpp-python 0.3.x forces it on
 for a draft model but sizes its logits buffer from the argument (``n_batch`` rows), so a
