@@ -19,8 +19,10 @@ pytest.importorskip("transformers")
 from test_torch_backend import N_LAYERS, make_ids, tiny_model  # noqa: E402
 
 from knapspec.backends import backend_class, create_backend  # noqa: E402
+from knapspec.backends.torch import prepack  # noqa: E402
 from knapspec.backends.torch.compile import (  # noqa: E402
     TorchCompileBackend,
+    cached_graphs,
     compile_counters,
 )
 from knapspec.backends.torch.eager import TorchEagerBackend  # noqa: E402
@@ -88,6 +90,18 @@ def compiled(qwen3):
     return TorchCompileBackend.from_hf(qwen3, DigitTokenizer())
 
 
+@pytest.fixture(scope="module")
+def static(qwen3):
+    """Static-shape steps on the CPU: the code the CUDA graphs capture, run without capture."""
+    return TorchCompileBackend.from_hf(qwen3, DigitTokenizer(), static_steps="on")
+
+
+def skip_mask(*skip: int) -> np.ndarray:
+    m = np.zeros(2 * N_LAYERS, dtype=bool)
+    m[list(skip)] = True
+    return m
+
+
 def test_registry_and_metadata(compiled):
     assert backend_class("torch-compile") is TorchCompileBackend
     d = compiled.describe()
@@ -138,22 +152,26 @@ def test_counters_see_a_compilation():
     assert compile_counters()["unique_graphs"] == before + 1
 
 
-def test_masks_and_context_growth_never_recompile(compiled):
-    """A generation whose mask, draft length and context change, plus a chunked prefill,
-    prompt reuse and a one-token prompt: no graph is compiled after the warm-up."""
-    be = compiled
-    before = compile_counters()
-    masks = []
-    for skip in ([2, 5], [3], [2, 4], [2, 3, 4, 5]):  # blocks 0, 1, 6, 7 are pinned
-        m = np.zeros(2 * N_LAYERS, dtype=bool)
-        m[skip] = True
-        masks.append(m)
+@pytest.mark.parametrize("which", ["compiled", "static"])
+def test_masks_and_context_growth_never_recompile(which, request):
+    """Generations whose mask, draft length (1, 3, 5) and context change, plus a chunked
+    prefill, prompt reuse and a one-token prompt: no graph is compiled after the warm-up,
+    on the dynamic path and on the static steps (where every draft and verification step
+    takes the static path: counted)."""
+    be = request.getfixturevalue(which)
+    before, graphs = compile_counters(), cached_graphs()
+    # blocks 0, 1, 6, 7 are pinned
+    masks = [skip_mask(2, 5), skip_mask(3), skip_mask(2, 4), skip_mask(2, 3, 4, 5)]
     cfg = GenerationConfig(64, replan_interval=2, stop_at_eos=False)
-    planner = cycling_planner(be.layout, masks)
-    for prompt in (make_ids(90, seed=4), make_ids(1, seed=5)):
-        res = SpeculativeDecoder(be, planner).generate(prompt, cfg)
-        assert res.new_tokens == 64 and res.drafted > 0 and res.ar_steps > 0
-        assert len(res.plan_history) >= 4  # the mask really changed
+    for d in (1, 3, 5):
+        planner = cycling_planner(be.layout, masks, draft_length=d)
+        for prompt in (make_ids(90, seed=4), make_ids(1, seed=5)):
+            res = SpeculativeDecoder(be, planner).generate(prompt, cfg)
+            assert res.new_tokens == 64 and res.drafted > 0 and res.ar_steps > 0
+            assert len(res.plan_history) >= 4  # the mask really changed
+    if which == "static":
+        assert {2, 4, 6} <= set(be._static.full) and 1 in be._static.full
+        assert len(be._static.masked) == len(masks)
     # prompt caching: the same prompt again reuses the cache and recomputes one token
     prompt = make_ids(90, seed=4)
     be.prefill(prompt)
@@ -161,20 +179,22 @@ def test_masks_and_context_growth_never_recompile(compiled):
     be.reset()
     be.forward(make_ids(200, seed=6), all_logits=False)  # a long prefill from scratch
     be.forward(make_ids(50, seed=7), np.arange(2 * N_LAYERS) % 3 == 0)  # masked chunk
-    assert be.recompilations() == 0
+    assert cached_graphs() == graphs
     assert compile_counters() == before
 
 
-def test_draft_and_verify_on_the_device_never_recompile(compiled):
+@pytest.mark.parametrize("which", ["compiled", "static"])
+def test_draft_and_verify_on_the_device_never_recompile(which, request):
     """The hot path's overrides (tokens chosen on the device, fed back as tensors) run the
     compiled blocks at shapes the warm-up covered: greedy output equals the compiled
-    backend's own autoregressive output, sampling runs, and nothing is compiled."""
+    backend's own autoregressive output, sampling runs (and a verification with capture,
+    which the static steps leave to the dynamic path), and nothing is compiled."""
     from test_torch_device import autoregressive, speculative_greedy
 
     from knapspec.sampling import SamplingParams
 
-    be = compiled
-    before = compile_counters()
+    be = request.getfixturevalue(which)
+    before, graphs = compile_counters(), cached_graphs()
     prompt = make_ids(30, seed=11)
     ref = autoregressive(be, prompt, 40)
     masks = []
@@ -190,8 +210,194 @@ def test_draft_and_verify_on_the_device_never_recompile(compiled):
     be.rollback(p0)
     n, _ = be.verify(ref[-1], drafts, q, sp, rng, capture=True)
     assert 0 <= n <= 4 and be.block_oracle().n_tokens >= 5
-    assert be.recompilations() == 0
+    assert cached_graphs() == graphs  # recompilations(), unaffected by other fixtures' warm-up
     assert compile_counters() == before
+
+
+# ----------------------------------------------------------------------------- static steps
+
+
+def test_static_steps_match_the_dynamic_path(static, compiled):
+    """The static steps (positions as a tensor, attention over the whole cache under a
+    position mask) give the dynamic path's logits and K/V at every context, token count
+    and mask; draft masks beyond the LRU bound are evicted and rebuilt."""
+    ids = make_ids(60, seed=31)
+    for be in (static, compiled):
+        be.reset()
+        be.forward(ids[:20])  # prefill (static: T > 16 takes the dynamic path)
+    assert static.describe()["static_steps"] and not compiled.describe()["static_steps"]
+    assert static.describe()["cuda_graphs"] is False  # CPU: no capture
+    at = 20
+    for n, mask in ((1, None), (5, None), (1, skip_mask(2, 5)), (3, None), (1, skip_mask(3)),
+                    (9, None), (1, None), (16, None)):
+        a = static.forward(ids[at : at + n], mask)
+        b = compiled.forward(ids[at : at + n], mask)
+        assert np.abs(b).max() > 1.0
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+        assert (a.argmax(-1) == b.argmax(-1)).all()
+        at += n
+    assert static.length == compiled.length == at
+    torch.testing.assert_close(static.final_hidden(), compiled.final_hidden(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(static.k_cache[:, :, :at], compiled.k_cache[:, :, :at],
+                               atol=1e-5, rtol=0)
+    assert {1, 3, 5, 9, 16} <= set(static._static.full)
+    steps = static._static
+    bound, steps.max_masks = steps.max_masks, 1
+    try:
+        a = static.forward(ids[at : at + 1], skip_mask(3, 4))  # a mask no test used before
+        assert steps.evictions >= 1 and list(steps.masked) == [static._skip_flags(skip_mask(3, 4))]
+        np.testing.assert_allclose(a, compiled.forward(ids[at : at + 1], skip_mask(3, 4)),
+                                   atol=1e-4, rtol=0)
+    finally:
+        steps.max_masks = bound
+
+
+def test_static_speculative_equals_own_autoregressive(static):
+    from test_torch_device import autoregressive, speculative_greedy
+
+    before, graphs = compile_counters(), cached_graphs()
+    prompt = make_ids(30, seed=17)
+    ref = autoregressive(static, prompt, 40)
+    masks = [skip_mask(2, 5), skip_mask(3), skip_mask(2, 4)]
+    for d in (1, 2, 5):
+        out, accepted = speculative_greedy(static, prompt, masks, d, 40)
+        assert out == ref and sum(accepted) > 0
+    assert cached_graphs() == graphs and compile_counters() == before
+    with pytest.raises(KnapSpecError, match="static_steps"):
+        TorchCompileBackend.from_hf(tiny_model("qwen3"), static_steps="graphs")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graph capture and replay need a CUDA device (the static steps "
+                    "they capture are tested on the CPU above; benchmarks/device_check.py runs "
+                    "them on a GPU)")
+def test_cuda_graphs_replay_the_static_steps():
+    """On CUDA (static steps on by default): greedy speculative decoding equals the backend's
+    own AR, graphs are captured once per key and bounded, their memory is reported, and
+    nothing is compiled after the warm-up."""
+    from test_torch_device import autoregressive, speculative_greedy
+
+    be = TorchCompileBackend.from_hf(tiny_model("qwen3").to("cuda"), DigitTokenizer(),
+                                     compile_mode="reduce-overhead")
+    d = be.describe()
+    assert d["static_steps"] and d["cuda_graphs"] and d["inductor_mode"] == "default"
+    before = compile_counters()
+    prompt = make_ids(30, seed=19)
+    ref = autoregressive(be, prompt, 40)
+    masks = [skip_mask(2, 5), skip_mask(3), skip_mask(2, 4)]
+    for n_draft in (1, 3, 5):
+        out, _ = speculative_greedy(be, prompt, masks, n_draft, 40)
+        assert out == ref
+    d = be.describe()
+    assert 0 < d["cuda_graphs_held"] <= d["cuda_graph_limit"]
+    assert d["cuda_graphs_captured"] == d["cuda_graphs_held"]  # each key captured once
+    assert d["cuda_graph_mib"] >= 0.0
+    assert be.recompilations() == 0 and compile_counters() == before
+
+
+# ----------------------------------------------------------------------------- prepacked
+
+
+needs_onednn = pytest.mark.skipif(not prepack.available(), reason="no oneDNN in this torch")
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """The compiled backend with every linear weight prepacked for oneDNN (``on``: no
+    measurement, so the packed kernels are what runs whatever this CPU's timings), over
+    its own copy of the tiny model (backends over the same weights share their packing)."""
+    return TorchCompileBackend.from_hf(tiny_model("qwen3"), DigitTokenizer(), prepack="on")
+
+
+@needs_onednn
+def test_prepacked_weights_are_what_runs(packed, monkeypatch):
+    d = packed.describe()
+    n_weights = 7 * N_LAYERS + 1  # q k v o gate up down per layer, then the head
+    assert d["prepack"] == "on" and d["prepacked_weights"] == n_weights
+    assert d["prepacked_mib"] > 0
+    for w in packed._linear_weights():
+        assert prepack._PACKED[w.data_ptr()].step  # registered: the op takes oneDNN's kernel
+    # the compiled graphs call the op, and the op the packed kernel, for every weight
+    calls = []
+    kernel = prepack._packed_linear
+    monkeypatch.setattr(prepack, "_packed_linear", lambda *a: calls.append(1) or kernel(*a))
+    eager = TorchEagerBackend.from_hf(packed.model)
+    ids = make_ids(30, seed=21)
+    for be in (packed, eager):
+        be.reset()
+    np.testing.assert_allclose(packed.forward(ids), eager.forward(ids), atol=1e-4, rtol=0)
+    assert len(calls) == n_weights
+    calls.clear()
+    a = packed.forward(ids[:1], all_logits=False)
+    assert len(calls) == n_weights
+    np.testing.assert_allclose(a, eager.forward(ids[:1], all_logits=False), atol=1e-4, rtol=0)
+    with pytest.raises(KnapSpecError, match="prepack"):
+        TorchCompileBackend.from_hf(packed.model, prepack="always")
+
+
+@needs_onednn
+def test_packed_rows_agree_across_token_counts():
+    """Verification runs a weight at M = k + 1 rows, a step at M = 1.  Neither MKL nor oneDNN
+    is bit-identical across M in float32 (shown here for the record, not required); what
+    losslessness needs is that the rows agree to rounding and pick the same argmax."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4096, 64, generator=gen)  # a head-like [V, D]
+    x = torch.randn(9, 64, generator=gen)
+    entry = prepack.PackedLinears()
+    entry.prepack([w], "on")
+    try:
+        with torch.inference_mode():
+            for k in (2, 5, 9):
+                batch = prepack.linear(x[:k], w, None)  # [k, V]
+                rows = torch.cat([prepack.linear(x[i : i + 1], w, None) for i in range(k)])
+                torch.testing.assert_close(batch, rows, atol=1e-4, rtol=0)
+                assert torch.equal(batch.argmax(-1), rows.argmax(-1))
+    finally:
+        entry.release()
+    assert w.data_ptr() not in prepack._PACKED
+
+
+@needs_onednn
+def test_prepack_measures_and_releases():
+    """``auto`` measures every distinct shape once and records both ranges; a second backend
+    over the same weights shares them; the registry drops them when the last one goes."""
+    import gc
+
+    model = tiny_model("qwen3")  # weights no other backend registered
+    be = TorchCompileBackend.from_hf(model, prepack="auto")
+    d = be.describe()
+    shapes = {f"{w.shape[0]}x{w.shape[1]} float32" for w in be._linear_weights()}
+    assert set(d["prepack_decisions"]) == shapes
+    for c in d["prepack_decisions"].values():
+        assert isinstance(c["step"], bool) and isinstance(c["prefill"], bool)
+        assert len(c["step_ms"]) == 2 and min(c["step_ms"]) > 0
+    other = TorchCompileBackend.from_hf(model, prepack="on")
+    keys = set(other._packed.keys) | set(be._packed.keys)
+    assert len(other._packed.keys) == 7 * N_LAYERS + 1
+    del be
+    gc.collect()
+    assert all(k in prepack._PACKED for k in other._packed.keys)
+    del other
+    gc.collect()
+    assert not keys & set(prepack._PACKED)
+
+
+@needs_onednn
+def test_prepacked_speculative_equals_own_autoregressive(packed):
+    from test_torch_device import autoregressive, speculative_greedy
+
+    before, graphs = compile_counters(), cached_graphs()
+    prompt = make_ids(30, seed=13)
+    ref = autoregressive(packed, prompt, 40)
+    masks = []
+    for skip in ([2, 5], [3], [2, 4]):
+        m = np.zeros(2 * N_LAYERS, dtype=bool)
+        m[skip] = True
+        masks.append(m)
+    for d in (1, 4):
+        out, accepted = speculative_greedy(packed, prompt, masks, d, 40)
+        assert out == ref and sum(accepted) > 0
+    assert cached_graphs() == graphs and compile_counters() == before
 
 
 # ----------------------------------------------------------------------------- SmolLM2
@@ -199,7 +405,9 @@ def test_draft_and_verify_on_the_device_never_recompile(compiled):
 
 @pytest.fixture(scope="module")
 def smol_compiled(smollm2):
-    return TorchCompileBackend(smollm2)
+    """Every weight prepacked (``on``), so the slow tests check oneDNN's kernels whatever
+    this CPU's timings decide under ``auto``."""
+    return TorchCompileBackend(smollm2, prepack="on")
 
 
 @pytest.mark.slow
@@ -241,3 +449,20 @@ def test_smollm2_speculative_equals_autoregressive(smol_compiled, question):
     assert res.new_tokens >= 64 or res.stop_reason == "eos"
     assert res.drafted > 0 and 0 < res.accepted < res.drafted
     assert compile_counters() == before
+
+
+@pytest.mark.slow
+def test_smollm2_verification_rows_pick_the_one_step_argmax(smol_compiled):
+    """Teacher-forced: verifying k = 5 tokens at once (every weight at M = 5 through the
+    prepacked kernels) picks at every position the token that one-token steps pick."""
+    be = smol_compiled
+    prompt = be.encode("Describe how a bicycle works.")
+    steps = [int(np.argmax(be.prefill(prompt)))]
+    while len(steps) < 41:
+        steps.append(int(np.argmax(be.forward([steps[-1]], all_logits=False)[-1])))
+    be.prefill(prompt)
+    batched = []
+    for a in range(0, 40, 5):
+        batched += be.forward(steps[a : a + 5]).argmax(-1).tolist()  # rows pick steps[a+1..]
+    assert batched == steps[1:41]
+    assert be.recompilations() == 0

@@ -33,6 +33,10 @@ import torch.nn.functional as F
 # (3-D inputs instead of 4-D: 435 / 1293 us, SDPA's math path.)
 
 
+#: a linear map x [..., K], w [N, K], b [N] or None -> [..., N]: ``F.linear``, or the
+#: ``torch-compile`` backend's ``prepack.linear`` (prepacked oneDNN weights on the CPU)
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
 # ----------------------------------------------------------------------------- weights
 
 
@@ -106,15 +110,16 @@ def qkv(
     cfg: AttnConfig,
     cos: torch.Tensor,  # [T, hd]
     sin: torch.Tensor,  # [T, hd]
+    linear: Linear = F.linear,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project to heads, per-head norm (qwen3), RoPE.
 
     Returns q [..., H, T, hd], k [..., KV, T, hd], v [..., KV, T, hd].
     """
     lead = h.shape[:-1]  # (..., T)
-    q = F.linear(h, w.wq, w.bq).view(*lead, cfg.n_heads, cfg.head_dim)  # [..., T, H, hd]
-    k = F.linear(h, w.wk, w.bk).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
-    v = F.linear(h, w.wv, w.bv).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
+    q = linear(h, w.wq, w.bq).view(*lead, cfg.n_heads, cfg.head_dim)  # [..., T, H, hd]
+    k = linear(h, w.wk, w.bk).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
+    v = linear(h, w.wv, w.bv).view(*lead, cfg.n_kv_heads, cfg.head_dim)  # [..., T, KV, hd]
     if w.q_norm is not None:
         q = rms_norm(q, w.q_norm, cfg.qk_eps)
     if w.k_norm is not None:
@@ -156,16 +161,17 @@ def attention_block(
     sin: torch.Tensor,  # [T, hd]
     start: int,  # position of x[0]; the cache holds valid entries for 0..start-1
     mask: torch.Tensor | None,  # [g*T, start+T] from causal_mask, None when T == 1
+    linear: Linear = F.linear,
 ) -> torch.Tensor:
     """Norm + attention over the cache + residual; writes K/V of the T tokens -> [T, D]."""
     t = x.shape[0]
     end = start + t
-    q, k, v = qkv(rms_norm(x, w.norm, cfg.eps), w, cfg, cos, sin)  # [H,T,hd] [KV,T,hd] x2
+    q, k, v = qkv(rms_norm(x, w.norm, cfg.eps), w, cfg, cos, sin, linear)  # [H,T,hd] [KV,T,hd]
     k_cache[:, start:end] = k
     v_cache[:, start:end] = v
     o = gqa_sdpa(q, k_cache[:, :end], v_cache[:, :end], mask, cfg.scale)  # [H, T, hd]
     o = o.transpose(0, 1).reshape(t, cfg.n_heads * cfg.head_dim)  # [T, H*hd]
-    return x + F.linear(o, w.wo, w.bo)
+    return x + linear(o, w.wo, w.bo)
 
 
 def causal_mask(
@@ -235,11 +241,12 @@ def mlp_block(
     w: MLPWeights,
     eps: float,
     act: Callable[[torch.Tensor], torch.Tensor],
+    linear: Linear = F.linear,
 ) -> torch.Tensor:
     """Norm + gated MLP (down(act(gate(h)) * up(h))) + residual -> [..., T, D]."""
     h = rms_norm(x, w.norm, eps)
-    return x + F.linear(
-        act(F.linear(h, w.w_gate, w.b_gate)) * F.linear(h, w.w_up, w.b_up), w.w_down, w.b_down
+    return x + linear(
+        act(linear(h, w.w_gate, w.b_gate)) * linear(h, w.w_up, w.b_up), w.w_down, w.b_down
     )
 
 
@@ -258,9 +265,10 @@ def lm_head(
     h: torch.Tensor,  # [..., D] final-norm states
     w_out: torch.Tensor,  # [V, D]
     b_out: torch.Tensor | None,  # [V]
+    linear: Linear = F.linear,
 ) -> torch.Tensor:
     """LM head alone, float32 logits -> [..., V]."""
-    return F.linear(h, w_out, b_out).float()
+    return linear(h, w_out, b_out).float()
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

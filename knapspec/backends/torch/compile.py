@@ -40,13 +40,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import KnapSpecError
+from . import prepack
 from .blocks import attention_block, lm_head, mlp_block, rms_norm
 from .eager import TorchEagerBackend
+from .static import StaticSteps, static_attention_block
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -54,6 +57,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PREPACK_MODES = ("auto", "on", "off")
+STATIC_MODES = ("auto", "on", "off")
+#: with explicit CUDA graphs (static steps on CUDA), inductor must not add its own
+GRAPH_FREE_MODE = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 #: dynamo's per-function cache limit is raised to at least this many graphs: the warm-up of
 #: one model leaves about 6 graphs per function, and tests build several models per process
@@ -70,6 +77,7 @@ class CompiledBlocks:
     mlp: Callable[..., torch.Tensor]
     norm: Callable[..., torch.Tensor]
     head: Callable[..., torch.Tensor]
+    static_attention: Callable[..., torch.Tensor]  # static.static_attention_block
 
 
 _COMPILED: dict[tuple[str, int], CompiledBlocks] = {}
@@ -100,7 +108,7 @@ def compiled_blocks(mode: str = "default") -> CompiledBlocks:
 
             blocks = CompiledBlocks(
                 mode, key[1], comp(attention_block), comp(mlp_block), comp(rms_norm),
-                comp(lm_head),
+                comp(lm_head), comp(static_attention_block),
             )  # fmt: skip
             _COMPILED[key] = blocks
     return blocks
@@ -130,7 +138,7 @@ def cached_graphs() -> int:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:  # pragma: no cover - older or newer torch
         return compile_counters()["unique_graphs"]
-    fns = (attention_block, mlp_block, rms_norm, lm_head)
+    fns = (attention_block, mlp_block, rms_norm, lm_head, static_attention_block)
     return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in fns)
 
 
@@ -154,6 +162,14 @@ class TorchCompileBackend(TorchEagerBackend):
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
             ``max-autotune``, ``max-autotune-no-cudagraphs``; on CPU the CUDA-graph part of
             ``reduce-overhead`` does not apply).
+        prepack: CPU only: ``"auto"`` (default) holds every linear weight whose shape runs
+            faster that way (measured at setup, see ``prepack``) prepacked for oneDNN;
+            ``"on"`` packs all without measuring, ``"off"`` none.  Ignored off the CPU.
+        static_steps: ``"auto"`` (default: on CUDA only), ``"on"`` or ``"off"``: decoding,
+            draft and verification steps of up to ``static.MAX_STATIC_TOKENS`` tokens run as
+            static-shape steps over the whole cache (``static``), captured as CUDA graphs on
+            CUDA.  With them on CUDA, ``reduce-overhead`` / ``max-autotune`` compile the
+            blocks in their graph-free variant (the explicit graphs replace inductor's).
 
     Attributes:
         warmup_seconds: seconds this instance's constructor spent compiling (or loading
@@ -173,8 +189,12 @@ class TorchCompileBackend(TorchEagerBackend):
         capture_tokens: int = 8,
         compile_mode: str = "default",
         device: torch.device | str | None = "auto",
+        prepack: str = "auto",
+        static_steps: str = "auto",
     ) -> None:
         self.compile_mode = compile_mode
+        self.prepack_mode = prepack
+        self.static_mode = static_steps
         super().__init__(model, dtype, threads, max_context, capture_tokens, device=device)
 
     @classmethod
@@ -189,30 +209,69 @@ class TorchCompileBackend(TorchEagerBackend):
         capture_tokens: int = 8,
         compile_mode: str = "default",
         device: torch.device | str | None = None,
+        prepack: str = "auto",
+        static_steps: str = "auto",
     ) -> TorchCompileBackend:
         """A compiled backend over a ``transformers`` causal-LM object (tokenizer optional),
         on the model's device."""
         self = cls.__new__(cls)
         self.compile_mode = compile_mode
+        self.prepack_mode = prepack
+        self.static_mode = static_steps
         self._init_from_hf(model, tokenizer, dtype, threads, max_context, capture_tokens,
                            device)
         return self
 
     def _setup(self, *args: Any, **kwargs: Any) -> None:
         mode = getattr(self, "compile_mode", "default")
-        blocks = compiled_blocks(mode)  # validates the mode before the weights are set up
+        packing = getattr(self, "prepack_mode", "auto")
+        static = getattr(self, "static_mode", "auto")
+        for what, value, allowed in (("prepack", packing, PREPACK_MODES),
+                                     ("static_steps", static, STATIC_MODES)):
+            if value not in allowed:
+                raise KnapSpecError(
+                    f"unknown {what} {value!r} (expected one of {', '.join(allowed)})"
+                )
+        compiled_blocks(mode)  # validates the mode before the weights are set up
         super()._setup(*args, **kwargs)
         self.compile_mode = mode
+        cuda = self.device.type == "cuda"
+        use_static = static == "on" or (static == "auto" and cuda)
+        inductor_mode = GRAPH_FREE_MODE.get(mode, mode) if use_static and cuda else mode
+        if inductor_mode != mode:
+            log.info("torch-compile: mode %s compiled as %s (explicit CUDA graphs instead)",
+                     mode, inductor_mode)
+        self.inductor_mode = inductor_mode
+        blocks = compiled_blocks(inductor_mode)
         self._compiled = blocks
-        self._attention_fn = blocks.attention
-        self._mlp_fn = blocks.mlp
+        self._packed = prepack.PackedLinears()
+        self._linear: Callable[..., torch.Tensor] | None = None  # None: F.linear
+        if self.device.type == "cpu" and packing != "off" and prepack.available():
+            self._packed.prepack(self._linear_weights(), packing)
+            self._packed.attach(self)
+            self._linear = prepack.linear  # graphs never depend on what was packed
+        lin = {} if self._linear is None else {"linear": self._linear}
+        self._attention_fn = partial(blocks.attention, **lin)
+        self._mlp_fn = partial(blocks.mlp, **lin)
         self._norm_fn = blocks.norm
-        self._head_fn = blocks.head
+        self._head_fn = partial(blocks.head, **lin)
+        self._static: StaticSteps | None = None
+        if use_static:
+            self._static = StaticSteps(self, blocks.static_attention, graphs=cuda,
+                                       linear=self._linear)
         self.warmup_seconds = 0.0
         self.warmup_graphs = 0
         self.warmup_cache: dict[str, int] = {}
         self._graphs_after_warmup = 0
         self.warmup()
+
+    def _linear_weights(self) -> list[torch.Tensor]:
+        """Every weight the forward multiplies by: per layer q, k, v, o, gate, up, down,
+        then the LM head."""
+        out: list[torch.Tensor] = []
+        for a, m in zip(self.attn_w, self.mlp_w, strict=True):
+            out += [a.wq, a.wk, a.wv, a.wo, m.w_gate, m.w_up, m.w_down]
+        return [*out, self.out_w]
 
     # ------------------------------------------------------------------ compilation
     def warmup(self) -> float:
@@ -250,6 +309,7 @@ class TorchCompileBackend(TorchEagerBackend):
             (1, True, True),  # start 0, T 1
             (3, False, False),  # start 1, T 3
         ]
+        static, self._static = self._static, None  # the plan warms the dynamic path
         try:
             self._warm_token_dim()
             for n, all_logits, fresh in plan:
@@ -258,7 +318,10 @@ class TorchCompileBackend(TorchEagerBackend):
                 if self.length + n > self.max_context:
                     continue  # a tiny cache: these shapes can never occur
                 self.forward(tok[:n], None, all_logits=all_logits)
+            self._static = static
+            self._warm_static(tok)
         finally:
+            self._static = static
             self.reset()
             with torch.inference_mode():  # leave no scratch K/V behind (the eager one has none)
                 self.k_cache[:, :, : len(tok)].zero_()
@@ -277,7 +340,6 @@ class TorchCompileBackend(TorchEagerBackend):
     def _warm_token_dim(self) -> None:
         """Compile the MLP, final-norm and head graphs with the token axis dynamic from the
         start (``mark_dynamic``), instead of first specialising them to one prefill length."""
-        blocks = self._compiled
         with torch.inference_mode():
             x = torch.zeros(2, self.dim, dtype=self.dtype, device=self.device)  # [T, D]
 
@@ -286,9 +348,46 @@ class TorchCompileBackend(TorchEagerBackend):
                 torch._dynamo.mark_dynamic(t, 0)
                 return t
 
-            blocks.mlp(dyn(), self.mlp_w[0], self.eps, self.act)
-            blocks.norm(dyn(), self.norm_w, self.norm_eps)
-            blocks.head(dyn(), self.out_w, self.out_b)
+            self._mlp_fn(dyn(), self.mlp_w[0], self.eps, self.act)
+            self._norm_fn(dyn(), self.norm_w, self.norm_eps)
+            self._head_fn(dyn(), self.out_w, self.out_b)
+
+    def _warm_static(self, tok: list[int]) -> None:
+        """Compile the static steps' attention for ``T = 1`` and ``T >= 2`` (run without
+        capture: graphs are captured on first use, which compiles nothing)."""
+        if self._static is None:
+            return
+        for t, start in ((1, 0), (2, 1), (3, 3), (4, 2)):
+            if start + t <= self.max_context:
+                with torch.inference_mode():  # as the steps' buffers (guards see the keys)
+                    ids = torch.tensor(tok[:t], dtype=torch.long, device=self.device)
+                    pos = torch.arange(start, start + t, device=self.device)
+                self._static._body(ids, pos, None)
+
+    # ------------------------------------------------------------------ static steps
+    def _run(
+        self, ids: torch.Tensor, skip: tuple[bool, ...] | None, capture: bool,
+        all_logits: bool, record: list[int] | None,
+    ) -> torch.Tensor:
+        """``TorchEagerBackend._run``, through the static steps when they take the call."""
+        n = int(ids.shape[0])
+        steps = self._static
+        if steps is None or capture or not steps.accepts(n, skip):
+            return super()._run(ids, skip, capture, all_logits, record)
+        self.cache.check_room(n)
+        logits, h = steps.run(ids, skip, self.cache.length)  # [n, V], [n, D]
+        self._final = h.clone()  # a graph's buffer is overwritten by its next replay
+        self.cache.append(record if record is not None else range(n), full=record is not None)
+        return logits if all_logits else logits[-1:]
+
+    def _draft_step(
+        self, tok: torch.Tensor, skip: tuple[bool, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = self._static
+        if steps is None or not steps.accepts(1, skip):
+            return super()._draft_step(tok, skip)
+        logits, h = steps.run(tok, skip, self.cache.length)  # [1, V], [1, D]
+        return h.clone(), logits  # the draft keeps h as final_hidden(): not a graph buffer
 
     def recompilations(self) -> int:
         """Graphs compiled for the block functions since this backend's warm-up (another
@@ -299,6 +398,10 @@ class TorchCompileBackend(TorchEagerBackend):
         return {
             **super().describe(),
             "compile_mode": self.compile_mode,
+            "inductor_mode": self.inductor_mode,
+            **(self._static.describe() if self._static is not None else {"static_steps": False}),
+            "prepack": self.prepack_mode if self._linear is not None else "off",
+            **self._packed.describe(),
             "warmup_seconds": self.warmup_seconds,
             "warmup_graphs": self.warmup_graphs,
             "warmup_fxgraph_cache": self.warmup_cache,

@@ -467,8 +467,7 @@ class TorchEagerBackend(Backend):
         drafted, probs = [], []
         with torch.inference_mode():
             for _ in range(n):
-                h = self._forward(tok, self.cache.length, skip, False)  # [1, D]
-                logits = self._head_fn(h, self.out_w, self.out_b)  # [1, V] float32
+                h, logits = self._draft_step(tok, skip)  # [1, D], [1, V] float32
                 self.cache.append(range(1), full=False)
                 if gen is None:
                     tok = logits.argmax(-1)  # [1]
@@ -481,6 +480,14 @@ class TorchEagerBackend(Backend):
         self._final = h
         k = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), n)
         return ids[:k], (torch.cat(probs[:k]) if probs else None)
+
+    def _draft_step(
+        self, tok: torch.Tensor, skip: tuple[bool, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft step of token ``tok`` ``[1]`` -> final-norm states ``[1, D]`` and
+        float32 logits ``[1, V]`` (the cache's length is the caller's to advance)."""
+        h = self._forward(tok, self.cache.length, skip, False)
+        return h, self._head_fn(h, self.out_w, self.out_b)
 
     def verify(
         self,

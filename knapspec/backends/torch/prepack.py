@@ -1,0 +1,254 @@
+"""Linear weights prepacked for oneDNN on the CPU, chosen per weight shape by a measurement.
+
+Why: on the CPU, ``F.linear`` goes through MKL's ``sgemm``, whose cost at small token counts
+``M`` grows far faster than the bytes it reads (issue 10, 1536x8960 fp32, M=1/2/4/8:
+5.1/11.1/17.4/17.9 ms, against 3.1/6.9/7.1/7.8 ms with the weight reordered once for
+oneDNN).  Verification of ``k`` drafts runs every weight at ``M = k + 1``, so this is the
+difference between a verification that costs about one step and one that costs 2-3.
+
+How: the ``torch-compile`` backend's block functions call ``linear`` (``torch.ops.knapspec.
+linear``, a custom op, so ``torch.compile`` keeps it opaque in its graphs) instead of
+``F.linear``.  The op looks its weight up in ``_PACKED`` (keyed by the weight's data pointer,
+the entry holding the weight itself so the address cannot be reused while it is registered)
+and runs ``torch.ops.mkldnn._linear_pointwise`` on the prepacked copy when one is
+registered for that token range, else plain ``F.linear``.  The graphs never depend on the
+decision, so a different decision never recompiles.
+
+Decision (``PackedLinears.prepack``): once per distinct weight shape and dtype, at backend
+setup, the minimum over a few runs (the minimum, not the median: it estimates the kernel's
+own cost on a shared CPU) of ``F.linear`` and of the prepacked kernel on random inputs, for
+two token ranges:
+
+* ``step`` (``M <= STEP_MAX_TOKENS``: decoding, drafting, verification), measured at
+  ``M = 1`` plus ``M = 5`` (one step and a typical verification): ONE kernel for the whole
+  range, so a verified row and the same row run alone go through the same kernel (neither
+  MKL nor oneDNN is bit-identical across ``M`` in float32; with one kernel the differences
+  are the kernel's own rounding, measured in the tests to leave the argmax unchanged);
+* ``prefill`` (larger ``M``: prompt chunks), measured at ``M = PREFILL_PROBE_TOKENS``.
+
+The decisions, their timings and the extra memory (the dense weights stay: the block
+oracle and profiling of the head use them) are logged and returned for ``describe()``.
+Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: token counts up to this use the ``step`` decision (decoding, drafting, verification)
+STEP_MAX_TOKENS = 16
+#: token count at which the ``prefill`` range is measured
+PREFILL_PROBE_TOKENS = 128
+#: timed runs per (shape, kernel, token count); the decision takes their minimum
+PROBE_REPEATS = 5
+#: dtypes oneDNN's packed linear accepts here
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass
+class _Entry:
+    """One registered weight."""
+
+    weight: torch.Tensor  # [N, K] the dense weight (kept alive: its address is the key)
+    packed: torch.Tensor  # oneDNN-layout copy of ``weight`` (an opaque mkldnn tensor)
+    step: bool  # use ``packed`` for M <= STEP_MAX_TOKENS
+    prefill: bool  # use ``packed`` for larger M
+    owners: int = 1  # backends that registered this weight (tied weights, shared models)
+
+
+_PACKED: dict[int, _Entry] = {}
+
+
+def available() -> bool:
+    """Whether oneDNN's packed linear exists in this torch build."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight"
+    )
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] through the prepacked weight -> [..., N]."""
+    lead = x.shape[:-1]
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, b, "none", [], "")
+    return y.view(*lead, y.shape[-1])
+
+
+def _linear_impl(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    entry = _PACKED.get(w.data_ptr()) if x.device.type == "cpu" else None
+    if entry is not None and entry.weight.shape == w.shape:
+        m = x.numel() // max(int(x.shape[-1]), 1)  # token rows
+        if entry.step if m <= STEP_MAX_TOKENS else entry.prefill:
+            return _packed_linear(x.contiguous(), entry.packed, b)
+    return F.linear(x, w, b)
+
+
+def _dispatch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The op's kernel: this module's ``_linear_impl``, looked up at call time, so that a
+    re-import of the module (the op stays registered once per process) uses its registry."""
+    module = sys.modules.get(__name__)
+    return getattr(module, "_linear_impl", _linear_impl)(x, w, b)
+
+
+def _linear_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _register() -> torch.library.Library | None:
+    """Define ``knapspec::linear`` unless this process already has (module re-import)."""
+    if hasattr(torch.ops.knapspec, "linear"):
+        return None
+    lib = torch.library.Library("knapspec", "FRAGMENT")
+    lib.define("linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+    lib.impl("linear", _dispatch, "CompositeExplicitAutograd")
+    torch.library.register_fake("knapspec::linear", _linear_fake, lib=lib)
+    return lib
+
+
+_LIB = _register()  # kept: the registration lives as long as the Library object
+
+
+#: ``F.linear`` with prepacked weights where registered: x [..., K], w [N, K], b [N] -> [..., N]
+linear = torch.ops.knapspec.linear.default
+
+
+def _min_seconds(fn: Any, repeats: int) -> float:
+    fn()  # warm-up (oneDNN creates its primitive on the first call)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_shape(
+    w: torch.Tensor, packed: torch.Tensor, tokens: Iterable[int], repeats: int = PROBE_REPEATS
+) -> tuple[float, float]:
+    """Summed minimum seconds of ``F.linear`` and of the packed kernel on ``w`` [N, K] over
+    random inputs of each token count in ``tokens``."""
+    gen = torch.Generator().manual_seed(0)
+    dense = packed_s = 0.0
+    with torch.inference_mode():
+        for m in tokens:
+            x = torch.randn(m, w.shape[1], generator=gen).to(w.dtype)
+            dense += _min_seconds(lambda x=x: F.linear(x, w), repeats)
+            packed_s += _min_seconds(lambda x=x: _packed_linear(x, packed, None), repeats)
+    return dense, packed_s
+
+
+@dataclass
+class PackedLinears:
+    """The weights one backend registered, and why (unregistered when the owner dies).
+
+    ``decisions`` maps ``"NxK dtype"`` to ``{"step": bool, "prefill": bool, "step_ms":
+    [dense, packed], "prefill_ms": [dense, packed]}`` (milliseconds, the decision's timings).
+    """
+
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # per weight shape
+    keys: list[int] = field(default_factory=list)  # data pointers registered in _PACKED
+    nbytes: int = 0  # bytes of the packed copies (the dense weights stay)
+    setup_seconds: float = 0.0  # spent measuring and packing
+
+    def prepack(self, weights: Iterable[torch.Tensor], mode: str = "auto") -> None:
+        """Pack every 2-D CPU weight of a packable dtype where it is faster.
+
+        ``mode``: ``"auto"`` measures each distinct shape (see the module docstring),
+        ``"on"`` packs every weight for both ranges without measuring, ``"off"`` packs none.
+        """
+        if mode == "off" or not available():
+            return
+        t0 = time.perf_counter()
+        for w in weights:
+            if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or w.dim() != 2:
+                continue
+            key = w.data_ptr()
+            if key in self.keys:
+                continue  # tied weight, already registered by this owner
+            shape = f"{w.shape[0]}x{w.shape[1]} {str(w.dtype).removeprefix('torch.')}"
+            shared = _PACKED.get(key)
+            if shared is not None and shared.weight.shape == w.shape:
+                # another backend over the same model registered it: share its decision
+                shared.owners += 1
+                self.keys.append(key)
+                self.decisions.setdefault(
+                    shape, {"step": shared.step, "prefill": shared.prefill, "shared": True}
+                )
+                continue
+            choice = self.decisions.get(shape)
+            if choice is not None and choice.get("error"):
+                continue
+            try:  # oneDNN refuses what this CPU lacks an instruction set for
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+                if choice is None:
+                    choice = self.decisions[shape] = self._decide(w, packed, mode)
+            except RuntimeError as exc:
+                log.info("prepack %s: not packed, oneDNN refused it (%s)", shape, exc)
+                self.decisions[shape] = {"step": False, "prefill": False, "error": str(exc)}
+                continue
+            if not (choice["step"] or choice["prefill"]):
+                continue
+            _PACKED[key] = _Entry(w, packed, choice["step"], choice["prefill"])
+            self.keys.append(key)
+            self.nbytes += w.numel() * w.element_size()
+        self.setup_seconds = time.perf_counter() - t0
+        for shape, c in self.decisions.items():
+            log.info(
+                "prepack %s: step (M<=%d) %s [%s ms dense/packed], prefill %s [%s ms]",
+                shape, STEP_MAX_TOKENS, "oneDNN" if c["step"] else "F.linear",
+                c.get("step_ms"), "oneDNN" if c["prefill"] else "F.linear", c.get("prefill_ms"),
+            )  # fmt: skip
+        log.info(
+            "prepack: %d weights packed (%.0f MiB extra), %.1f s", len(self.keys),
+            self.nbytes / 2**20, self.setup_seconds,
+        )  # fmt: skip
+
+    @staticmethod
+    def _decide(w: torch.Tensor, packed: torch.Tensor, mode: str) -> dict[str, Any]:
+        if mode == "on":
+            return {"step": True, "prefill": True}
+        step = measure_shape(w, packed, (1, 5))
+        prefill = measure_shape(w, packed, (PREFILL_PROBE_TOKENS,), repeats=2)
+        return {
+            "step": step[1] < step[0],
+            "prefill": prefill[1] < prefill[0],
+            "step_ms": [round(s * 1e3, 3) for s in step],
+            "prefill_ms": [round(s * 1e3, 3) for s in prefill],
+        }
+
+    def release(self) -> None:
+        """Unregister this owner's weights."""
+        release(self.keys)
+        self.keys = []
+
+    def attach(self, owner: Any) -> None:
+        """Unregister the weights when ``owner`` is garbage-collected."""
+        weakref.finalize(owner, release, list(self.keys))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "prepacked_weights": len(self.keys),
+            "prepacked_mib": round(self.nbytes / 2**20, 1),
+            "prepack_decisions": self.decisions,
+        }
+
+
+def release(keys: Iterable[int]) -> None:
+    """Drop one owner's hold on the registered weights ``keys`` (data pointers); a weight
+    is unregistered when its last owner lets go."""
+    for k in keys:
+        entry = _PACKED.get(k)
+        if entry is not None:
+            entry.owners -= 1
+            if entry.owners <= 0:
+                del _PACKED[k]
