@@ -78,6 +78,12 @@ BACKENDS: dict[str, BackendEntry] = {
             BackendOption("compile_mode", str, "default", "torch.compile mode",
                           ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs")),
+            BackendOption("prepack", str, "auto",
+                          "CPU: hold linear weights prepacked for oneDNN (auto: the shapes "
+                          "measured faster so at setup)", ("auto", "on", "off")),
+            BackendOption("static_steps", str, "auto",
+                          "fixed-shape decode/draft/verify steps captured as CUDA graphs "
+                          "(auto: on CUDA only)", ("auto", "on", "off")),
         ),
     ),
     "llamacpp": BackendEntry(
