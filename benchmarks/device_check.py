@@ -199,8 +199,11 @@ def build(spec: DecoderSpec, args: argparse.Namespace, device: torch.device,
     from knapspec.backends.torch.compile import TorchCompileBackend
 
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    # the fixed-shape steps a GPU captures as CUDA graphs; --quick runs them on the CPU
+    # too (uncaptured), so the quick run takes the GPU's code path
+    static = "on" if args.quick or device.type == "cuda" else "auto"
     return TorchCompileBackend(loaded, dtype=args.dtype, max_context=max_context,
-                               compile_mode=mode, device=device)
+                               compile_mode=mode, device=device, static_steps=static)
 
 
 def release() -> None:
@@ -495,6 +498,14 @@ def measure_compiled(run: Run, spec: DecoderSpec, be: Any, rec: dict[str, Any],
                 be, ref, prompt_of(be, c, run.args.seed), run.args.new_tokens))
     recompiles = getattr(be, "recompilations", None)
     rec["compile_recompilations"] = recompiles() if callable(recompiles) else None
+    # what the compiled steps ran as: CUDA graphs (fixed-shape steps over the whole
+    # preallocated cache of ``static_cache_tokens``: attention at a short context reads that
+    # much, so the 1K row is pessimistic for graphs) and CPU prepacked weights
+    info = be.describe() if hasattr(be, "describe") else {}
+    rec["compiled_steps"] = {k: info.get(k) for k in (
+        "inductor_mode", "static_steps", "cuda_graphs_held", "cuda_graphs_captured",
+        "cuda_graph_mib", "cuda_graph_limit", "prepack", "prepacked_weights", "prepacked_mib")}
+    rec["compiled_steps"]["static_cache_tokens"] = max_context_for(run.contexts)
 
 
 def main(argv: list[str] | None = None) -> int:

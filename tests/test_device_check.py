@@ -74,6 +74,11 @@ def test_quick_device_check_writes_every_key(tmp_path):
                 for e in r["contexts"]]
     assert all(c is not None for c in compiled) or any(
         "compiled" in s for s in report["skipped"])
+    for name, rec in report["models"].items():
+        if rec.get("compiled_steps") is not None:  # the GPU's fixed-shape steps, uncaptured
+            assert rec["compiled_steps"]["static_steps"] is True, name
+            assert rec["compiled_steps"]["cuda_graphs_captured"] == 0, name
+            assert rec["compile_recompilations"] == 0, name
     table = (out / "device_check.md").read_text()
     assert "TIMING ONLY" in table and "QUICK" in table
     assert table.count("| llama-3.1-8b |") == 2 * len(dc.QUICK_CONTEXTS)  # both tables
