@@ -426,6 +426,28 @@ class KnapSpecConfig:
             raise KnapSpecError(f"{p}: {e}") from None
 
     @classmethod
+    def coerce(
+        cls,
+        value: KnapSpecConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
+        source: str = "knapspec_config",
+    ) -> KnapSpecConfig:
+        """A validated config from what an API's ``knapspec_config=`` takes: a
+        ``KnapSpecConfig`` (returned as is), a dict shaped like ``knapspec.toml``, the path
+        of such a TOML file, or ``None`` (the defaults).  Anything else is a
+        ``KnapSpecError`` naming ``source`` and the type."""
+        if value is None:
+            return cls()
+        if isinstance(value, KnapSpecConfig):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value, source=source)
+        if isinstance(value, (str, os.PathLike)):
+            return cls.from_toml(value)
+        raise KnapSpecError(
+            f"{source}: expected a KnapSpecConfig, a dict shaped like knapspec.toml or the "
+            f"path of a TOML file, got {type(value).__name__}")
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> KnapSpecConfig:
         """Validate a nested dict shaped like the TOML file (sections of keys).
 

@@ -265,7 +265,7 @@ def test_config_file_and_bad_inputs(tmp_path):
             dm(np.asarray([1, 10**7, 2], dtype=np.intc))
     finally:
         dm.close()
-    with pytest.raises(KnapSpecError, match="knapspec_config must be"):
+    with pytest.raises(KnapSpecError, match="knapspec_config: expected a KnapSpecConfig"):
         KnapSpecDraftModel(knapspec_config=42)
     with pytest.raises(KnapSpecError, match=r"planner\.strategy"):
         KnapSpecDraftModel(knapspec_config={"planner": {"strategy": "nope"}})

@@ -84,21 +84,9 @@ _GREEDY = SamplingParams(0.0, 1.0)
 
 def as_knapspec_config(value: KnapSpecConfig | Mapping[str, Any] | str | os.PathLike[str]
                        | None) -> KnapSpecConfig:
-    """A validated ``KnapSpecConfig`` from what an integration's ``knapspec_config=`` takes:
-    a ``KnapSpecConfig``, a dict shaped like ``knapspec.toml``, a path to such a TOML file,
-    or ``None`` (the defaults).  Anything else is a ``KnapSpecError`` naming its type."""
-    if value is None:
-        return KnapSpecConfig()
-    if isinstance(value, KnapSpecConfig):
-        return value
-    if isinstance(value, Mapping):
-        return KnapSpecConfig.from_dict(value, source="knapspec_config")
-    if isinstance(value, (str, os.PathLike)):
-        return KnapSpecConfig.from_toml(value)
-    raise KnapSpecError(
-        "knapspec_config must be a KnapSpecConfig, a dict shaped like knapspec.toml or the "
-        f"path of a TOML file, got {type(value).__name__}"
-    )
+    """``KnapSpecConfig.coerce``: a config, a dict shaped like ``knapspec.toml``, a TOML
+    path or ``None`` (kept as this module's name for it)."""
+    return KnapSpecConfig.coerce(value, source="knapspec_config")
 
 
 @dataclass

@@ -39,9 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,18 +166,13 @@ def _backend(model: Any, tokenizer: Any, needed: int) -> _State:
 
 
 def _config(value: Any) -> KnapSpecConfig:
-    """``knapspec_config`` as a validated ``KnapSpecConfig``."""
-    if value is None:
-        return KnapSpecConfig()
-    if isinstance(value, KnapSpecConfig):
-        return value
-    if isinstance(value, Mapping):
-        return KnapSpecConfig.from_dict(value, source="knapspec_config")
-    if isinstance(value, (str, os.PathLike)):
-        return KnapSpecConfig.from_toml(value)
-    raise TransformersSettingError(
-        "knapspec_config: expected a KnapSpecConfig, a dict in the TOML's shape or a TOML "
-        f"path, got {type(value).__name__}")
+    """``knapspec_config`` as a validated ``KnapSpecConfig`` (``KnapSpecConfig.coerce``)."""
+    try:
+        return KnapSpecConfig.coerce(value, source="knapspec_config")
+    except TransformersSettingError:
+        raise
+    except KnapSpecError as e:
+        raise TransformersSettingError(str(e)) from None
 
 
 def _planner(state: _State, config: KnapSpecConfig, planner: Planner | None) -> Planner:
