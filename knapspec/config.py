@@ -32,9 +32,7 @@ writes) are generated in ``knapspec.config_docs`` from the field metadata define
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +44,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .backends import BACKENDS, BackendOption
+from .config_values import check_backend_option, check_value, got
 from .errors import KnapSpecError
-from .planner.factory import ENTRY_POINT_GROUP, STRATEGIES, strategy_names, unknown_strategy
+from .planner.factory import ENTRY_POINT_GROUP, STRATEGIES
 from .planner.solvers import METHODS
 
 DEFAULT = "default"  # provenance of a key nobody set
@@ -235,100 +234,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-# ----------------------------------------------------------------------------- checks
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", tuple: "an array", dict: "a table"}.get(type(value),
-                                                                     type(value).__name__)
-
-
-def _got(value: Any) -> str:
-    return f"{value!r}" if isinstance(value, (int, float, str)) else _type_name(value)
-
-
-def _check_int(path: str, value: Any, minimum: float | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KnapSpecError(f"{path}: expected an integer, got {_got(value)}")
-    if minimum is not None and value < minimum:
-        what = {1: "a positive integer", 0: "a non-negative integer"}.get(
-            int(minimum), f"an integer >= {minimum:g}")
-        raise KnapSpecError(f"{path}: expected {what}, got {value!r}")
-    return value
-
-
-def _check_float(path: str, value: Any, meta: Mapping[str, Any]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise KnapSpecError(f"{path}: expected a number, got {_got(value)}")
-    v = float(value)
-    lo, above, hi = meta.get("minimum"), meta.get("above"), meta.get("maximum")
-    ok = (math.isfinite(v) and (lo is None or v >= lo) and (above is None or v > above)
-          and (hi is None or v <= hi))
-    if not ok:
-        bounds = [f">= {lo:g}" if lo is not None else "", f"> {above:g}" if above is not None
-                  else "", f"<= {hi:g}" if hi is not None else ""]
-        bound = " and ".join(b for b in bounds if b)
-        raise KnapSpecError(f"{path}: expected a finite number {bound}".rstrip() +
-                            f", got {value!r}")
-    return v
-
-
-def _check_str(path: str, value: Any, choices: tuple[Any, ...] = ()) -> str:
-    if not isinstance(value, str):
-        raise KnapSpecError(f"{path}: expected a string, got {_got(value)}")
-    if choices and value not in choices:
-        raise KnapSpecError(
-            f"{path}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _check_value(path: str, value: Any, meta: Mapping[str, Any]) -> Any:
-    """``value`` checked against field metadata ``meta``; normalized (lists -> tuples)."""
-    kind = meta["kind"]
-    if kind == "int":
-        return _check_int(path, value, meta["minimum"])
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise KnapSpecError(f"{path}: expected a boolean, got {_got(value)}")
-        return value
-    if kind == "strategy":
-        if _check_str(path, value) not in strategy_names():
-            raise KnapSpecError(f"{path}: {unknown_strategy(value)}")
-        return value
-    if kind == "float":
-        return _check_float(path, value, meta)
-    if kind in ("str", "path"):
-        v = _check_str(path, value, meta["choices"])
-        if not v.strip():
-            raise KnapSpecError(f"{path}: expected a non-empty string, got {value!r}")
-        return v
-    if kind in ("int-list", "str-list"):
-        if not isinstance(value, (list, tuple)):
-            raise KnapSpecError(f"{path}: expected an array, got {_got(value)}")
-        if kind == "int-list":
-            return tuple(_check_int(f"{path}[{i}]", v, meta["minimum"])
-                         for i, v in enumerate(value))
-        return tuple(_check_str(f"{path}[{i}]", v) for i, v in enumerate(value))
-    raise AssertionError(f"unknown kind {kind!r}")  # pragma: no cover
-
-
-def check_backend_option(path: str, option: BackendOption, value: Any) -> Any:
-    """``value`` checked against a registry option (type, choices or pattern; counts must be
-    >= 1)."""
-    if option.type is bool:
-        if not isinstance(value, bool):
-            raise KnapSpecError(f"{path}: expected a boolean, got {_got(value)}")
-        return value
-    if option.type is int:  # every integer backend option is a count or a size
-        return _check_int(path, value, 1)
-    if option.type is float:
-        return _check_float(path, value, {"minimum": 0.0})
-    value = _check_str(path, value, option.choices)
-    if option.pattern and not re.fullmatch(option.pattern, value):
-        raise KnapSpecError(f"{path}: expected {option.pattern_text or option.pattern}, "
-                            f"got {value!r}")
-    return value
-
-
 def _backend_options(
     path: str, backend: str, table: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -374,7 +279,7 @@ def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
             raise KnapSpecError(f"{'.'.join(parts[: i + 1])}: expected a table, got "
-                                f"{_got(nxt)}")
+                                f"{got(nxt)}")
         node = nxt
     node[parts[-1]] = value
 
@@ -455,7 +360,7 @@ class KnapSpecConfig:
         key present.
         """
         if not isinstance(data, Mapping):
-            raise KnapSpecError(f"config: expected a table, got {_got(data)}")
+            raise KnapSpecError(f"config: expected a table, got {got(data)}")
         provenance = {k: source for k, v in _flatten(data).items() if v is not None}
         return cls._parse(data, provenance)
 
@@ -466,7 +371,7 @@ class KnapSpecConfig:
                 raise KnapSpecError(
                     f"{name}: unknown section (known: {', '.join(SECTIONS)})")
             if not isinstance(table, Mapping):
-                raise KnapSpecError(f"{name}: expected a table, got {_got(table)}")
+                raise KnapSpecError(f"{name}: expected a table, got {got(table)}")
         sections: dict[str, Any] = {}
         for name, section_cls in SECTIONS.items():
             table = {k: v for k, v in data.get(name, {}).items() if v is not None}
@@ -479,7 +384,7 @@ class KnapSpecConfig:
                 if key not in known:
                     raise KnapSpecError(
                         f"{name}.{key}: unknown key (known: {', '.join(known)})")
-                kwargs[key] = _check_value(f"{name}.{key}", value, known[key].metadata)
+                kwargs[key] = check_value(f"{name}.{key}", value, known[key].metadata)
             sections[name] = section_cls(**kwargs)
         config = cls(**sections, provenance=dict(provenance))
         config._check_combinations()
@@ -487,7 +392,7 @@ class KnapSpecConfig:
 
     @staticmethod
     def _parse_backend(table: Mapping[str, Any]) -> BackendSection:
-        name = _check_value("backend.name", table.get("name", "torch"),
+        name = check_value("backend.name", table.get("name", "torch"),
                             dataclasses.fields(BackendSection)[0].metadata)
         everywhere = all_backend_options()
         shared, per_backend = {}, {}
@@ -497,7 +402,7 @@ class KnapSpecConfig:
             if key in BACKENDS:
                 if not isinstance(value, Mapping):
                     raise KnapSpecError(f"backend.{key}: expected a table of {key} options, "
-                                        f"got {_got(value)}")
+                                        f"got {got(value)}")
                 opts = {k: v for k, v in value.items() if v is not None}
                 per_backend[key] = _backend_options(f"backend.{key}", key, opts)
             elif key in everywhere:
