@@ -282,11 +282,13 @@ class KnapSpecDraftModel(LlamaDraftModel):
                 f"context full: {len(history) + 1} tokens, the draft model's context holds "
                 f"{be.max_context} (raise backend option max_context)")
         cached = be.cached_tokens() or []
-        k = 0
-        for a, b in zip(cached, history, strict=False):
-            if a != b:
-                break
-            k += 1
+        k = len(cached)
+        if k > len(history) or cached != history[:k]:  # the usual case (an extension) in C
+            k = 0
+            for a, b in zip(cached, history, strict=False):
+                if a != b:
+                    break
+                k += 1
         be.rollback(k)
         be.extend_history(history[k:])
 
@@ -335,7 +337,7 @@ def _token_list(input_ids: Any) -> list[int]:
         raise KnapSpecError(
             f"input_ids must be a non-empty 1-D array of token ids, got shape {arr.shape} "
             f"of {arr.dtype}")
-    return [int(t) for t in arr]
+    return arr.tolist()  # Python ints, converted in C (a 2K-token history per call)
 
 
 __all__ = ["DraftStats", "KnapSpecDraftModel", "as_knapspec_config"]
