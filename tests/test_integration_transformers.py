@@ -2,10 +2,10 @@
 
 Greedy output must equal the same model's ``model.generate(do_sample=False)`` token for
 token with drafting forced (a fixed skip plan, ``drafted > 0`` checked), on tiny random
-Llama / Qwen2 / Qwen3 / Mistral models (4 layers, D = 64, weights re-drawn from a seed at a scale that
-makes logits O(10)) and on the real SmolLM2 (``slow``).  Also: seeded sampling, streamers, the
-Hub-style folder ``examples/custom_generate``, the backend kept on the model, and the errors
-for settings knapspec cannot honour.
+Llama / Qwen2 / Qwen3 / Mistral models (4 layers, D = 64, weights re-drawn from a seed at a
+scale that makes logits O(10)) and on the real SmolLM2 (``slow``).  Also: seeded sampling,
+streamers, the Hub-style folder ``examples/custom_generate``, the backend kept on the model,
+and the errors for settings knapspec cannot honour.
 """
 
 from __future__ import annotations
