@@ -192,6 +192,12 @@ class LlamaCppBackend(Backend):
         this backend the verified history and only ask it to draft.
         """
         tokens = [int(t) for t in tokens]
+        self._check_new(tokens)
+        self._ids.extend(tokens)
+
+    def _check_new(self, tokens: list[int]) -> None:
+        """Raise ``KnapSpecError`` if ``tokens`` would overflow the context or hold an id
+        outside the vocabulary."""
         if len(self._ids) + len(tokens) > self.max_context:
             raise KnapSpecError(
                 f"context full: {len(self._ids)} + {len(tokens)} tokens > {self.max_context}"
@@ -199,7 +205,6 @@ class LlamaCppBackend(Backend):
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise KnapSpecError(f"token id {bad[0]} out of range (vocabulary {self.vocab_size})")
-        self._ids.extend(tokens)
 
     def _runners(self) -> list[LlamaRunner]:
         return [self._target, *(r for r, _ in self._pool.values())]
@@ -216,13 +221,7 @@ class LlamaCppBackend(Backend):
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise KnapSpecError("forward needs at least one token")
-        if len(self._ids) + len(tokens) > self.max_context:
-            raise KnapSpecError(
-                f"context full: {len(self._ids)} + {len(tokens)} tokens > {self.max_context}"
-            )
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise KnapSpecError(f"token id {bad[0]} out of range (vocabulary {self.vocab_size})")
+        self._check_new(tokens)
         skip = None if mask is None else self.layout.validate_mask(mask, allow_pinned=True)
         p = len(self._ids)
         n_logits = len(tokens) if all_logits else 1
