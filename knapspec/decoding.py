@@ -250,7 +250,13 @@ class SpeculativeDecoder:
         p0 = be.length
         d = min(plan.draft_length, budget - 1)
         t0 = self.clock()
-        drafts, q = be.draft(last, plan.mask, d, sp, rng, loop.stop_ids) if d > 0 else ([], None)
+        knobs = {}  # passed only when set: a backend without them still runs plain plans
+        if plan.draft_vocab:
+            knobs["vocab"] = plan.draft_vocab
+        if plan.stop_confidence > 0.0:
+            knobs["stop_confidence"] = plan.stop_confidence
+        drafts, q = (be.draft(last, plan.mask, d, sp, rng, loop.stop_ids, **knobs) if d > 0
+                     else ([], None))
         t1 = self.clock()
         be.rollback(p0)
         accept = None

@@ -66,6 +66,13 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+def top1_probability(logits: np.ndarray) -> float:
+    """Largest softmax probability (temperature 1) of one row of logits ``[V]``: a greedy
+    draft's confidence."""
+    z = np.asarray(logits, dtype=np.float64)
+    return float(1.0 / np.exp(z - z.max()).sum())
+
+
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token id from a probability vector ``[V]`` (inverse CDF, robust to rounding)."""
     c = np.cumsum(p)

@@ -20,7 +20,7 @@ from knapspec.planner import (
     make_planner,
     select_plan,
 )
-from knapspec.planner.calibration import round_outcome
+from knapspec.planner.calibration import draft_key, round_outcome
 from knapspec.simulate import parse_simulate_acceptance
 
 LAYOUT = BlockLayout(4)
@@ -133,8 +133,8 @@ def test_what_other_masks_showed_corrects_a_new_masks_prediction():
     for _ in range(10):
         planner.observe(first, 1, 0)  # 0.9 predicted, nothing ever kept: 10 trials
     shift = (0 - 10 * 0.9) / (8 + 10)
-    assert planner.proxy_shift(MASK.tobytes()) == pytest.approx(shift)
-    assert planner.proxy_shift(other.tobytes()) == 0.0  # its own data is not counted twice
+    assert planner.proxy_shift(draft_key(MASK)) == pytest.approx(shift)
+    assert planner.proxy_shift(draft_key(other)) == 0.0  # its own data is not counted twice
     plan = planner.plan(PlanContext(context=64))  # MASK: never drafted, predicted 0.9
     assert plan.extra["proxy_shift"] == pytest.approx(shift)
     assert planner.calibrated_alpha(MASK) == pytest.approx(0.9 + shift)
@@ -200,7 +200,7 @@ def test_plan_history_says_what_happened_under_each_plan():
     assert last["observed_alpha"] == pytest.approx(
         last["accepted"] / (last["accepted"] + last["rejected"]))
     # predicted_alpha is the posterior over every round run under the mask
-    st = planner.stats[be.layout.mask_from_blocks([2, 3, 4]).tobytes()]
+    st = planner.stats[draft_key(be.layout.mask_from_blocks([2, 3, 4]))]
     assert st.drafted == res.drafted and st.rounds == res.rounds
     assert last["predicted_alpha"] == pytest.approx((8 * 0.95 + st.accepted)
                                                     / (8 + st.accepted + st.rejected))

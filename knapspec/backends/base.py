@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..blocks import BlockLayout
+from ..errors import KnapSpecError
 from ..sampling import (
     SamplingParams,
     greedy_verify,
@@ -30,6 +31,7 @@ from ..sampling import (
     rejection_verify,
     sample,
     select,
+    top1_probability,
 )
 from .profiling import profile_backend
 
@@ -115,19 +117,32 @@ class Backend(ABC):
         sampling: SamplingParams,
         rng: np.random.Generator,
         stop_ids: frozenset[int],
+        *,
+        vocab: int = 0,
+        stop_confidence: float = 0.0,
     ) -> tuple[list[int], Any]:
         """``n`` draft steps under ``mask``, starting from token ``last`` (not yet cached).
 
         Each step appends one token to the cache (``n`` in all, fewer when a drafted id is in
-        ``stop_ids``: the generation would end there).  Greedy steps take the argmax; sampled
-        steps draw from the processed draft distribution ``q`` (temperature, top-p), with
-        ``rng``.
+        ``stop_ids``: the generation would end there, or after a confidence stop).  Greedy
+        steps take the argmax; sampled steps draw from the processed draft distribution
+        ``q`` (temperature, top-p), with ``rng``.
+
+        Args:
+            vocab: the draft head scores only the ``vocab`` most frequent ids (one of
+                ``draft_vocab_sizes``); 0: every id.  This default runs the full head only.
+            stop_confidence: stop after the first drafted token whose top-1 draft
+                probability (of ``q``; greedy: of the softmax at temperature 1) is below
+                this, in [0, 1); 0: draft all ``n``.
 
         Returns:
             ``(ids, q)``: the drafted ids (``k <= n``) and, when sampling, the draft
             distributions in a form this backend's ``verify`` accepts (here float64 numpy
             ``[k, V]``); ``None`` when greedy or ``k == 0``.
         """
+        if vocab:
+            raise KnapSpecError(f"the {self.name or type(self).__name__} backend drafts with "
+                                f"the full head only (draft_vocab {vocab} asked)")
         tokens: list[int] = []
         probs = []
         tok = last
@@ -135,14 +150,21 @@ class Backend(ABC):
             logits = self.forward([tok], mask, all_logits=False)[-1]  # [V]
             if sampling.greedy:
                 tok = int(np.argmax(logits))
+                top = top1_probability(logits) if stop_confidence > 0 else 1.0
             else:
                 q = probabilities(logits, sampling)  # [V]
                 probs.append(q)
                 tok = sample(q, rng)
+                top = float(q.max())
             tokens.append(tok)
-            if tok in stop_ids:
-                break  # the generation would end here: nothing after it is kept
+            if tok in stop_ids or top < stop_confidence:
+                break  # the generation would end here, or the draft is unsure
         return tokens, (np.stack(probs) if probs else None)
+
+    def draft_vocab_sizes(self) -> dict[int, float]:
+        """Reduced draft heads this backend can run: ``{K: coverage}``, the share of the
+        model's tokens within the top ``K`` ids (measured; ``{}``: the full head only)."""
+        return {}
 
     def verify(
         self,

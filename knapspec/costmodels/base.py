@@ -45,6 +45,10 @@ class CostModel(ABC):
 
     def __init__(self, meta: dict[str, Any] | None = None) -> None:
         self.meta: dict[str, Any] = dict(meta or {})
+        # measured seconds of a one-token draft head over the top K ids, by K (reduced
+        # vocabulary heads, ``knapspec.planner.knobs``); saved beside ``params``
+        self.draft_heads: dict[int, float] = {}
+        self.vocab_size: int | None = None  # V of the full head, when known (scales heads)
 
     @abstractmethod
     def attention(self, context: float, n_tokens: int = 1) -> float:
@@ -72,6 +76,23 @@ class CostModel(ABC):
         """Inverse of ``to_dict``; raise ``KnapSpecError`` naming a bad or missing field."""
 
     # ----------------------------------------------------------------- derived helpers
+    def draft_head(self, vocab: int = 0) -> float:
+        """Seconds of a one-token draft head (final norm + LM head + selection) over the
+        top ``vocab`` ids; ``0``: the full head (``head(1)``).
+
+        Measured (``draft_heads``, from profiling) where known; else ``head(1)`` scaled by
+        ``vocab / vocab_size`` (the head's weight traffic; a projection), or ``head(1)``
+        when the vocabulary size is unknown (no saving is predicted)."""
+        vocab = int(vocab)
+        full = self.head(1)
+        if vocab == 0:
+            return full
+        if vocab in self.draft_heads:
+            return float(self.draft_heads[vocab])
+        if self.vocab_size and vocab < self.vocab_size:
+            return full * vocab / self.vocab_size
+        return full
+
     def block_costs(self, n_layers: int, context: float, n_tokens: int = 1) -> np.ndarray:
         """``[2L]`` float64 seconds per block (even: attention, odd: MLP)."""
         costs = np.empty(2 * n_layers, dtype=np.float64)

@@ -48,13 +48,18 @@ def cost_model_to_json(model: CostModel) -> dict[str, Any]:
             f"{type(model).__name__} (kind {model.kind!r}) is not registered; "
             "decorate it with @register_cost_model"
         )
-    return {
+    out = {
         "schema": SCHEMA,
         "version": VERSION,
         "kind": model.kind,
         "params": model.to_dict(),
         "meta": dict(model.meta),
     }
+    if model.draft_heads:  # reduced draft heads (seconds by K), optional on load
+        out["draft_heads"] = {str(k): float(v) for k, v in sorted(model.draft_heads.items())}
+    if model.vocab_size:
+        out["vocab_size"] = int(model.vocab_size)
+    return out
 
 
 def cost_model_from_json(obj: Any, source: str = "<json>") -> CostModel:
@@ -94,11 +99,34 @@ def cost_model_from_json(obj: Any, source: str = "<json>") -> CostModel:
     if not isinstance(meta, dict):
         raise KnapSpecError(f"{source}: 'meta' must be an object, got {type(meta).__name__}")
     try:
-        return COST_MODEL_KINDS[kind].from_dict(params, meta)
+        model = COST_MODEL_KINDS[kind].from_dict(params, meta)
+        model.draft_heads.update(_draft_heads(obj.get("draft_heads", {}), source))
+        vocab = obj.get("vocab_size")
+        if vocab is not None:
+            if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+                raise KnapSpecError(f"vocab_size must be a positive integer, got {vocab!r}")
+            model.vocab_size = vocab
+        return model
     except KnapSpecError as e:
         raise KnapSpecError(f"{source}: invalid {kind} params: {e}") from e
     except (TypeError, ValueError, KeyError) as e:  # a third-party kind's own errors
         raise KnapSpecError(f"{source}: invalid {kind} params: {e!r}") from e
+
+
+def _draft_heads(obj: Any, source: str) -> dict[int, float]:
+    """``{"K": seconds}`` of a cost-model file as ``{K: seconds}``, checked."""
+    if not isinstance(obj, dict):
+        raise KnapSpecError(f"{source}: 'draft_heads' must be an object of K: seconds")
+    out = {}
+    for k, v in obj.items():
+        try:
+            kk, vv = int(k), float(v)
+        except (TypeError, ValueError):
+            raise KnapSpecError(f"{source}: draft_heads: bad entry {k!r}: {v!r}") from None
+        if kk < 1 or not np.isfinite(vv) or vv < 0:
+            raise KnapSpecError(f"{source}: draft_heads: bad entry {k!r}: {v!r}")
+        out[kk] = vv
+    return out
 
 
 def _json_default(obj: Any) -> Any:

@@ -74,6 +74,7 @@ class RooflineCostModel(CostModel):
                 )
             kv_dtype_bytes = kv
         self.model = model
+        self.vocab_size = int(model.vocab_size)  # a reduced head's weight traffic scales by K/V
         self.hardware = hardware
         self.kv_dtype_bytes = kv_dtype_bytes
         self._kv_bytes = model.dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes

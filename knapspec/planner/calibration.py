@@ -26,6 +26,12 @@ mask at every plan (CLaSp) would otherwise never have more than a few rounds of 
   posterior and the ``alpha`` the plan in use was made with part by more than
   ``replan_margin``.
 
+Observations are kept per draft, a (skip mask, draft head) pair: a reduced-vocabulary
+head drafts with another acceptance.  A round under a confidence stop ends early only after
+an unsure draft, so its counts mix the acceptance of sure and unsure drafts; the posterior
+is still read as the draft's per-token acceptance (a slight overestimate when stops are
+frequent).
+
 Observations are kept per generation (``reset`` forgets them): acceptance depends on the
 text, and a generation's result then depends on its prompt alone.
 """
@@ -83,6 +89,11 @@ def round_outcome(drafted: int, accepted: int) -> tuple[int, int]:
     return int(accepted), int(accepted < drafted)
 
 
+def draft_key(mask: np.ndarray, draft_vocab: int = 0) -> bytes:
+    """The key observations are kept under: skip mask ``[2L]`` and draft head size."""
+    return np.asarray(mask, dtype=bool).tobytes() + int(draft_vocab).to_bytes(4, "little")
+
+
 class CalibratedPlanner(Planner):
     """``inner``'s plans with acceptance calibrated on what drafting showed (module doc).
 
@@ -133,6 +144,10 @@ class CalibratedPlanner(Planner):
     def needs_oracle(self) -> bool:  # type: ignore[override]
         return self.inner.needs_oracle
 
+    @property
+    def knobs(self) -> Any:  # type: ignore[override]
+        return self.inner.knobs
+
     def __getattr__(self, attr: str) -> Any:
         if attr == "inner":  # not set yet (e.g. while unpickling): no recursion
             raise AttributeError(attr)
@@ -166,15 +181,16 @@ class CalibratedPlanner(Planner):
     def _posterior(self, key: bytes, st: MaskStats) -> float:
         return st.posterior(self.prior_strength, self.proxy_shift(key))
 
-    def calibrated_alpha(self, mask: np.ndarray) -> float | None:
-        """Posterior mean acceptance of ``mask`` ``[2L]`` (None: never planned with)."""
-        key = np.asarray(mask, dtype=bool).tobytes()
+    def calibrated_alpha(self, mask: np.ndarray, draft_vocab: int = 0) -> float | None:
+        """Posterior mean acceptance of ``mask`` ``[2L]`` drafting with the head of
+        ``draft_vocab`` ids (0: full) (None: never planned with)."""
+        key = draft_key(mask, draft_vocab)
         st = self.stats.get(key)
         return None if st is None else self._posterior(key, st)
 
     def acceptance(self, plan: DraftPlan) -> float:
-        """The current estimate of ``plan``'s per-token acceptance: its mask's posterior."""
-        alpha = self.calibrated_alpha(plan.mask)
+        """The current estimate of ``plan``'s per-token acceptance: its draft's posterior."""
+        alpha = self.calibrated_alpha(plan.mask, plan.draft_vocab)
         return plan.alpha if alpha is None or plan.is_autoregressive else alpha
 
     def plan(self, ctx: PlanContext) -> DraftPlan:
@@ -191,7 +207,7 @@ class CalibratedPlanner(Planner):
         """
         if plan.is_autoregressive:
             return plan
-        key = plan.mask.tobytes()
+        key = draft_key(plan.mask, plan.draft_vocab)
         st = self.stats.setdefault(key, MaskStats(proxy_alpha=float(plan.alpha)))
         st.proxy_alpha = float(plan.alpha)
         shift = self.proxy_shift(key)
@@ -200,18 +216,23 @@ class CalibratedPlanner(Planner):
         masks, alphas, proxies = [plan.mask], [st.posterior(self.prior_strength, shift)], [
             float(plan.alpha)]
         cur = None if ctx.current_mask is None else np.asarray(ctx.current_mask, dtype=bool)
-        held = None if cur is None else self.stats.get(cur.tobytes())
-        if held is not None and held.trials and cur.tobytes() != key:
+        cur_key = None if cur is None else draft_key(cur, plan.draft_vocab)
+        held = None if cur is None else self.stats.get(cur_key)
+        if held is not None and held.trials and cur_key != key:
             masks.append(cur)
-            alphas.append(self._posterior(cur.tobytes(), held))
+            alphas.append(self._posterior(cur_key, held))
             proxies.append(held.proxy_alpha)
         lengths = [plan.draft_length] if plan.forced else self.max_draft_length
+        # the alphas are the draft's with its head: no coverage to apply again
+        knobs = self.knobs.only_head(plan.draft_vocab, 1.0) if self.knobs is not None else None
+        if knobs is not None and plan.forced:
+            knobs = knobs.only_threshold(plan.stop_confidence)
         new = select_plan(np.array(masks), alphas, self.cost_model, ctx.context, lengths,
                           strategy=plan.strategy, remaining_tokens=ctx.remaining_tokens,
-                          switch_price=ctx.switch_price, force=plan.forced)
+                          switch_price=ctx.switch_price, force=plan.forced, knobs=knobs)
         k = 0 if new.is_autoregressive or np.array_equal(new.mask, plan.mask) else 1
         extra = {**plan.extra, "proxy_alpha": proxies[k], "calibrated_alpha": alphas[k],
-                 "proxy_shift": shift if k == 0 else self.proxy_shift(cur.tobytes()),
+                 "proxy_shift": shift if k == 0 else self.proxy_shift(cur_key),
                  "kept_current_mask": k == 1}
         if new.is_autoregressive:
             reason = (f"skip {plan.describe()} loses to plain decoding at context "
@@ -225,7 +246,7 @@ class CalibratedPlanner(Planner):
         by more than ``replan_margin``, re-plan before the next round."""
         self.inner.observe(plan, drafted, accepted)
         ok, failed = round_outcome(drafted, accepted)
-        key = np.asarray(plan.mask, dtype=bool).tobytes()
+        key = draft_key(plan.mask, plan.draft_vocab)
         st = self.stats.get(key)
         if st is None:
             proxy = plan.extra.get("proxy_alpha", plan.alpha)
@@ -237,4 +258,4 @@ class CalibratedPlanner(Planner):
         return abs(self._posterior(key, st) - plan.alpha) > self.replan_margin
 
 
-__all__ = ["CalibratedPlanner", "MaskStats", "round_outcome"]
+__all__ = ["CalibratedPlanner", "MaskStats", "draft_key", "round_outcome"]

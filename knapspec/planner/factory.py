@@ -24,6 +24,7 @@ from ..blocks import BlockLayout
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
 from .calibration import CalibratedPlanner
+from .knobs import DraftKnobs
 from .oracle_planners import (
     ClaspPlanner,
     EarlyExitPlanner,
@@ -153,6 +154,7 @@ def make_planner(
     calibrate: bool = True,
     prior_strength: float = 8.0,
     replan_margin: float = 0.1,
+    knobs: DraftKnobs | None = None,
     **options: Any,
 ) -> Planner:
     """Planner for ``strategy`` (``knapspec``, ``clasp``, ``static``, ``early-exit``,
@@ -163,6 +165,8 @@ def make_planner(
     ``max_draft_length`` keyword); other ``options`` are strategy-specific.  With
     ``calibrate`` the planner is wrapped in ``CalibratedPlanner(prior_strength,
     replan_margin)``: acceptance learnt from drafting (``knapspec.planner.calibration``).
+    ``knobs``: the draft heads and confidence stops its plans may use (the backend's,
+    ``knapspec.planner.knobs``); None: the full head, no stop.
     """
     if max_draft_length < 1:
         raise KnapSpecError(f"max_draft_length must be >= 1, got {max_draft_length}")
@@ -185,6 +189,8 @@ def make_planner(
     if not isinstance(planner, Planner):
         raise KnapSpecError(f"strategy {strategy!r} built a {type(planner).__name__}, not a "
                             "knapspec.planner.Planner")
+    if knobs is not None and not knobs.trivial:
+        planner.knobs = knobs
     if not calibrate:
         return planner
     return CalibratedPlanner(planner, cost_model, max_draft_length, prior_strength,

@@ -280,7 +280,7 @@ class KnapSpecPlanner(Planner):
         plan = select_plan(
             masks, alphas, self.cost_model, ctx.context, self.max_draft_length,
             strategy=self.name, remaining_tokens=ctx.remaining_tokens,
-            switch_price=ctx.switch_price,
+            switch_price=ctx.switch_price, knobs=self.knobs,
         )
         return plan
 
@@ -341,7 +341,7 @@ class ClaspPlanner(KnapSpecPlanner):
             return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
         masks, alphas = self._candidates
         return select_plan(masks, alphas, self.cost_model, ctx.context, [self.draft_length],
-                           strategy=self.name, force=True)
+                           strategy=self.name, force=True, knobs=self.knobs)
 
 
 class EarlyExitPlanner(Planner):
@@ -388,7 +388,7 @@ class EarlyExitPlanner(Planner):
         if self._candidates is None:
             return AutoregressivePlanner(self.layout, self.cost_model).plan(ctx)
         return select_plan(*self._candidates, self.cost_model, ctx.context,
-                           self.max_draft_length, strategy=self.name)
+                           self.max_draft_length, strategy=self.name, knobs=self.knobs)
 
 
 def masked_final_states(oracle: BlockOracle, masks: np.ndarray) -> Any:

@@ -19,7 +19,8 @@ import numpy as np
 from ..blocks import describe_mask
 from ..costmodels.base import CostModel
 from ..errors import KnapSpecError
-from .objective import expected_tokens, round_seconds, verify_seconds
+from .knobs import DraftKnobs
+from .objective import expected_verify_seconds, stopped_round, verify_seconds
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,15 @@ class CostBreakdown:
     context: float  # tokens in the KV cache when planned
     draft_step_seconds: float  # one draft step (1 token) under the skip mask
     verify_seconds: float  # one full-model verification of draft_length + 1 tokens
-    round_seconds: float  # draft_length * draft_step_seconds + verify_seconds
-    expected_tokens: float  # expected tokens per round, (1 - a^(d+1)) / (1 - a)
+    # expected round: expected_draft_steps * draft_step_seconds + expected verification
+    round_seconds: float
+    expected_tokens: float  # expected tokens per round, (1 - a^(d+1)) / (1 - a) at tau = 0
     ar_step_seconds: float  # one full-model step of 1 token (the autoregressive baseline)
     attn_skipped_seconds: float  # per draft step, saved by skipped attention blocks
     mlp_skipped_seconds: float  # per draft step, saved by skipped MLP blocks
     mask_switch_seconds: float = 0.0  # one-off cost of moving to this mask (backend-specific)
+    draft_head_seconds: float = 0.0  # per draft step, the draft head (reduced or full)
+    expected_draft_steps: float = 0.0  # draft steps per round (< d with a confidence stop)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class DraftPlan:
     # drafts even where predicted slower than autoregressive (select_plan(force=True): a
     # fixed draft length); calibration keeps such a plan drafting
     forced: bool = False
+    draft_vocab: int = 0  # ids the draft head scores (the most frequent); 0 = full head
+    # a round stops after the first draft whose top-1 probability is below this; 0 = never
+    stop_confidence: float = 0.0
 
     @property
     def is_autoregressive(self) -> bool:
@@ -91,6 +98,9 @@ class DraftPlan:
             "attn_skipped": self.attn_skipped,
             "mlp_skipped": self.mlp_skipped,
             "draft_length": int(self.draft_length),
+            "draft_vocab": int(self.draft_vocab),
+            "stop_confidence": float(self.stop_confidence),
+            "expected_draft_steps": float(self.cost.expected_draft_steps),
             "predicted_alpha": float(self.alpha),
             "predicted_tpt": float(self.tokens_per_second),
             "predicted_speedup": float(self.speedup),
@@ -115,12 +125,15 @@ def select_plan(
     switch_price: Callable[[np.ndarray], float] | None = None,
     min_gain: float = 0.0,
     force: bool = False,
+    knobs: DraftKnobs | None = None,
 ) -> DraftPlan:
-    """Best (mask, draft length) pair under the TPT objective, or the autoregressive plan.
+    """Best (mask, draft head, confidence stop, draft length) under the TPT objective, or
+    the autoregressive plan.
 
     Args:
         masks: ``[K, 2L]`` bool candidate skip masks.
-        alphas: ``[K]`` predicted acceptance per candidate, in [0, 1].
+        alphas: ``[K]`` predicted acceptance per candidate (with the full draft head), in
+            [0, 1].
         cost_model: seconds per block/head/step.
         context: tokens in the KV cache.
         max_draft_length: largest draft length ``d`` considered (>= 1), or the explicit
@@ -133,6 +146,9 @@ def select_plan(
         min_gain: a draft plan must beat autoregressive by this relative margin to be chosen.
         force: return the best draft plan even when autoregressive is predicted faster
             (sweeps that force a plan); needs at least one candidate.
+        knobs: draft heads and confidence stops to choose from (``knapspec.planner.knobs``);
+            None: the full head, no stop.  A head of ``K`` ids scales acceptance by its
+            coverage and prices the draft step's head at ``cost_model.draft_head(K)``.
     """
     masks = np.asarray(masks, dtype=bool)
     alphas = np.asarray(alphas, dtype=np.float64)
@@ -143,52 +159,72 @@ def select_plan(
     d = _draft_lengths(max_draft_length)  # [D]
     if force and masks.shape[0] == 0:
         raise KnapSpecError("force=True needs at least one candidate mask")
+    knobs = knobs or DraftKnobs()
     n_layers = masks.shape[1] // 2
-    # verification of d+1 tokens does not depend on the mask: [D]
-    verify = np.array([verify_seconds(cost_model, n_layers, context, int(k)) for k in d])
+    # verification of j drafts (j + 1 tokens) does not depend on the mask: [J]
+    verify_j = np.array([verify_seconds(cost_model, n_layers, context, j)
+                         for j in range(1, int(d.max()) + 1)])
     ar_step = verify_seconds(cost_model, n_layers, context, 0)  # one plain step
     block = cost_model.block_costs(n_layers, context, 1)  # [2L]
-    fixed = cost_model.overhead(1) + cost_model.head(1)
-    draft = fixed + (block[None, :] * ~masks).sum(axis=1)  # [K]
-    tokens = expected_tokens(np.clip(alphas, 0.0, 1.0)[:, None], d[None, :])  # [K, D]
-    rounds = round_seconds(draft[:, None], verify[None, :], d[None, :])  # [K, D]
-    tpt = tokens / rounds  # [K, D]
+    heads = knobs.heads
+    head_s = np.array([h.seconds if h.seconds is not None else cost_model.draft_head(h.vocab)
+                       for h in heads])  # [H]
+    cover = np.array([h.coverage for h in heads])  # [H]
+    taus = np.array(knobs.thresholds)  # [T]
+    kept = (block[None, :] * ~masks).sum(axis=1)  # [K]
+    draft = cost_model.overhead(1) + kept[:, None] + head_s[None, :]  # [K, H]
+    alpha = np.clip(alphas, 0.0, 1.0)[:, None] * cover[None, :]  # [K, H]
+    if knobs.confidence is not None:
+        s, alpha_hi = knobs.confidence.stop_stats(alpha[:, :, None], taus[None, None, :])
+    else:  # no stop: every step goes on
+        s, alpha_hi = np.ones((*alpha.shape, 1)), alpha[:, :, None]  # [K, H, 1]
+    s = np.broadcast_to(s, (*alpha.shape, len(taus)))  # [K, H, T]
+    tokens, steps = stopped_round(alpha[:, :, None, None], s[..., None],
+                                  alpha_hi[..., None], d)  # [K, H, T, D]
+    verify = expected_verify_seconds(s, verify_j, d)  # [K, H, T, D]
+    rounds = steps * draft[:, :, None, None] + verify  # [K, H, T, D]
+    tpt = tokens / rounds  # [K, H, T, D]
     ar_tpt = 1.0 / ar_step
     switch = np.zeros(len(masks))
     if switch_price is not None:
         # a switch only lowers a candidate's rate: price just the ones that could still win
         # (asking a backend is not free: llama.cpp looks its draft files up)
-        live = (np.ones(len(masks), dtype=bool) if force
-                else tpt.max(axis=1, initial=0.0) > ar_tpt * (1.0 + min_gain))
+        best_k = tpt.reshape(len(masks), -1).max(axis=1, initial=0.0)
+        live = np.ones(len(masks), dtype=bool) if force else best_k > ar_tpt * (1.0 + min_gain)
         switch[live] = [float(switch_price(m)) for m in masks[live]]
         if remaining_tokens is not None and remaining_tokens > 0:
             # effective rate over the rest of the generation, switch cost included
-            tpt = remaining_tokens / (remaining_tokens / tpt + switch[:, None])
+            sw = switch[:, None, None, None]
+            tpt = remaining_tokens / (remaining_tokens / tpt + sw)
     best = np.unravel_index(np.argmax(tpt), tpt.shape) if tpt.size else None
     if best is None or not (force or tpt[best] > ar_tpt * (1.0 + min_gain)):
         return _autoregressive_plan(n_layers, context, ar_step, strategy,
                                     _plain_reason(masks.shape[0], cost_model, context))
-    k, j = int(best[0]), int(best[1])
+    k, h, t, j = (int(i) for i in best)
     mask = masks[k].copy()
     cost = CostBreakdown(
         context=float(context),
-        draft_step_seconds=float(draft[k]),
-        verify_seconds=float(verify[j]),
-        round_seconds=float(rounds[k, j]),
-        expected_tokens=float(tokens[k, j]),
+        draft_step_seconds=float(draft[k, h]),
+        verify_seconds=float(verify[k, h, t, j]),
+        round_seconds=float(rounds[k, h, t, j]),
+        expected_tokens=float(tokens[k, h, t, j]),
         ar_step_seconds=ar_step,
         attn_skipped_seconds=float(block[0::2][mask[0::2]].sum()),
         mlp_skipped_seconds=float(block[1::2][mask[1::2]].sum()),
         mask_switch_seconds=float(switch[k]),
+        draft_head_seconds=float(head_s[h]),
+        expected_draft_steps=float(steps[k, h, t, j]),
     )
     return DraftPlan(
         mask=mask,
         draft_length=int(d[j]),
-        alpha=float(alphas[k]),
-        tokens_per_second=float(tpt[k, j]),
+        alpha=float(alpha[k, h]),
+        tokens_per_second=float(tpt[k, h, t, j]),
         cost=cost,
         strategy=strategy,
         forced=force,
+        draft_vocab=int(heads[h].vocab),
+        stop_confidence=float(taus[t]),
     )
 
 

@@ -27,6 +27,7 @@ from ..errors import KnapSpecError
 from ..oracle import BlockOracle
 from . import solvers
 from .fidelity import default_block_scores, default_scores_for_spec
+from .knobs import DraftKnobs
 from .plan import DraftPlan, select_plan
 from .proxies import CosineProxy
 from .solvers import knapsack_frontier
@@ -50,6 +51,9 @@ class Planner(ABC):
 
     name: str = ""
     needs_oracle: bool = False  # True: wants PlanContext.oracle (backend block access)
+    # draft heads and confidence stops the plans may use, passed to ``select_plan``
+    # (``make_planner`` sets them from the backend; None: the full head, no stop)
+    knobs: DraftKnobs | None = None
 
     @abstractmethod
     def plan(self, ctx: PlanContext) -> DraftPlan:
@@ -172,6 +176,7 @@ class StaticPlanner(Planner):
             [self.draft_length] if forced else self.max_draft_length,
             strategy=self.name,
             force=forced,
+            knobs=self.knobs,
         )
 
 
@@ -305,4 +310,5 @@ class AdditivePlanner(Planner):
             strategy=self.name,
             remaining_tokens=ctx.remaining_tokens,
             switch_price=ctx.switch_price,
+            knobs=self.knobs,
         )

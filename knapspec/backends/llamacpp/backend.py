@@ -31,7 +31,7 @@ import numpy as np
 
 from ...blocks import BlockLayout
 from ...errors import KnapSpecError
-from ...sampling import SamplingParams, probabilities, sample
+from ...sampling import SamplingParams, probabilities, sample, top1_probability
 from ..base import Backend
 from .gguf_draft import (
     DRAFTABLE,
@@ -245,15 +245,22 @@ class LlamaCppBackend(Backend):
         sampling: SamplingParams,
         rng: np.random.Generator,
         stop_ids: frozenset[int],
+        *,
+        vocab: int = 0,
+        stop_confidence: float = 0.0,
     ) -> tuple[list[int], Any]:
         """``Backend.draft`` with one KV sync per round: the first step gives the draft the
         target's KV of the whole verified history; the later steps attend to the draft's own
         KV of ``last`` and this round's drafted tokens (as on the torch backends), which the
         next round's sync replaces once they are verified.  (Through ``forward`` every step
-        would first run the target on the previous drafted token and copy its KV.)"""
+        would first run the target on the previous drafted token and copy its KV.)
+
+        The full head only (llama.cpp cannot shrink its output layer without remapping
+        token ids); ``stop_confidence`` as ``Backend.draft``."""
         skip = self.layout.validate_mask(mask, allow_pinned=True)
-        if n < 1 or not skip.any():
-            return super().draft(last, mask, n, sampling, rng, stop_ids)
+        if n < 1 or not skip.any() or vocab:
+            return super().draft(last, mask, n, sampling, rng, stop_ids, vocab=vocab,
+                                 stop_confidence=stop_confidence)
         first = self.forward([last], skip, all_logits=False)[-1]  # syncs, then one step
         runner = self._draft(skip)[0]
         n = min(n, self.max_context - len(self._ids) + 1)  # the last draft is never run
@@ -263,13 +270,15 @@ class LlamaCppBackend(Backend):
         for i in range(n):
             if sampling.greedy:
                 tok = int(np.argmax(logits))
+                top = top1_probability(logits) if stop_confidence > 0 else 1.0
             else:
                 q = probabilities(logits, sampling)  # [V]
                 probs.append(q)
                 tok = sample(q, rng)
+                top = float(q.max())
             tokens.append(tok)
-            if tok in stop_ids or i == n - 1:
-                break  # a stop id ends the generation: nothing after it is kept
+            if tok in stop_ids or i == n - 1 or top < stop_confidence:
+                break  # a stop id ends the generation (nothing after it is kept), or unsure
             logits = runner.eval([tok], 1)[-1]  # [V], no sync: the draft's own KV
             self._ids.append(tok)
             runner.checked = len(runner.ids)

@@ -50,6 +50,7 @@ from . import prepack
 from .blocks import attention_block, lm_head, mlp_block, rms_norm
 from .eager import TorchEagerBackend
 from .static import StaticSteps, static_attention_block
+from .vocab import ReducedHead
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -381,11 +382,11 @@ class TorchCompileBackend(TorchEagerBackend):
         return logits if all_logits else logits[-1:]
 
     def _draft_step(
-        self, tok: torch.Tensor, skip: tuple[bool, ...] | None
+        self, tok: torch.Tensor, skip: tuple[bool, ...] | None, head: ReducedHead | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         steps = self._static
-        if steps is None or not steps.accepts(1, skip):
-            return super()._draft_step(tok, skip)
+        if steps is None or head is not None or not steps.accepts(1, skip):
+            return super()._draft_step(tok, skip, head)
         logits, h = steps.run(tok, skip, self.cache.length)  # [1, V], [1, D]
         return h.clone(), logits  # the draft keeps h as final_hidden(): not a graph buffer
 

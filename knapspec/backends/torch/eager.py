@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ...blocks import BlockLayout
+from ...draft_vocab import find_ranking
 from ...errors import KnapSpecError
 from ...sampling import SamplingParams
 from ..base import Backend
@@ -46,6 +47,7 @@ from . import tokens as device_tokens
 from .blocks import attention_block, causal_mask, head, lm_head, mlp_block, rms_norm
 from .kvcache import CaptureWindow, KVCache
 from .oracle import TorchBlockOracle
+from .vocab import ReducedHead, ReducedHeads, draft_confidence
 from .weights import (
     check_model,
     context_size,
@@ -72,7 +74,7 @@ MASK_MEMO_SIZE = 64
 __all__ = ["PREFILL_CHUNK", "TorchBlockOracle", "TorchEagerBackend", "parse_dtype"]
 
 
-class TorchEagerBackend(Backend):
+class TorchEagerBackend(ReducedHeads, Backend):
     """Self-speculative decoding backend on eager PyTorch, one sequence, one KV cache.
 
     Args:
@@ -228,6 +230,9 @@ class TorchEagerBackend(Backend):
         self.eos_token_ids = eos_ids(model, tokenizer)
         self._final: torch.Tensor | None = None  # [n, D] final-norm states of the last call
         self._gen: torch.Generator | None = None  # sampling on the device, made when needed
+        # the tokenizer's token ranking by frequency (reduced draft heads; None: none)
+        self.vocab_ranking = find_ranking(tokenizer, self.vocab_size)
+        self._heads: dict[int, ReducedHead] = {}  # K -> reduced draft head, made when used
         log.info(
             "torch backend: %s (%s), %d layers, D=%d, H=%d, KV=%d, hd=%d, V=%d, ctx %d, "
             "KV cache %.0f MiB, %s %s, %d threads",
@@ -446,6 +451,9 @@ class TorchEagerBackend(Backend):
         sampling: SamplingParams,
         rng: np.random.Generator,
         stop_ids: frozenset[int],
+        *,
+        vocab: int = 0,
+        stop_confidence: float = 0.0,
     ) -> tuple[list[int], torch.Tensor | None]:
         """``n`` draft steps under ``mask`` from token ``last``, tokens chosen on the device.
 
@@ -453,41 +461,56 @@ class TorchEagerBackend(Backend):
         in one transfer at the end and are cut after the first one in ``stop_ids`` (the
         steps after it are computed but never returned; the loop rolls the cache back).
 
+        ``vocab`` (``Backend.draft``): the draft head scores only the top ``vocab`` ids of
+        ``draft_vocab_sizes`` (0: every id).  ``stop_confidence``: drafting stops after the
+        first token whose top-1 draft probability is below it; each step then reads that
+        probability on the host (one small transfer per step, only when set).
+
         Returns:
             the drafted ids and, when sampling, their distributions: a float32 ``[k, V]``
-            tensor on the device (``None`` when greedy).  The cache grows by ``n``.
+            tensor on the device, zero outside a reduced head's ids (``None`` when greedy).
+            The cache grows by the steps run (``n``, fewer after a confidence stop).
         """
         if n < 1:
             return [], None
         self._check_ids([int(last)])
         skip = self._skip_flags(mask)
+        head = self._reduced_head(vocab) if vocab else None
         self.cache.check_room(n)
         gen = None if sampling.greedy else self._generator(rng)
         tok = torch.tensor([int(last)], dtype=torch.long, device=self.device)  # [1]
         drafted, probs = [], []
         with torch.inference_mode():
             for _ in range(n):
-                h, logits = self._draft_step(tok, skip)  # [1, D], [1, V] float32
+                h, logits = self._draft_step(tok, skip, head)  # [1, D], [1, V or K] float32
                 self.cache.append(range(1), full=False)
                 if gen is None:
-                    tok = logits.argmax(-1)  # [1]
+                    pick = logits.argmax(-1)  # [1]
+                    q = None
                 else:
-                    q = device_tokens.probabilities(logits, sampling)  # [1, V]
-                    tok = device_tokens.sample(q, gen)
-                    probs.append(q)
+                    q = device_tokens.probabilities(logits, sampling)  # [1, V or K]
+                    pick = device_tokens.sample(q, gen)
+                tok = pick if head is None else head.ids[pick]  # [1] ids of the full vocab
+                if q is not None:
+                    probs.append(q if head is None else head.scatter(q))  # [1, V]
                 drafted.append(tok)
+                if stop_confidence > 0.0 and draft_confidence(logits, q) < stop_confidence:
+                    break  # unsure: this draft is the round's last
             ids = torch.cat(drafted).tolist()  # the one transfer to the host
         self._final = h
-        k = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), n)
+        k = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
         return ids[:k], (torch.cat(probs[:k]) if probs else None)
 
     def _draft_step(
-        self, tok: torch.Tensor, skip: tuple[bool, ...] | None
+        self, tok: torch.Tensor, skip: tuple[bool, ...] | None, head: ReducedHead | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft step of token ``tok`` ``[1]`` -> final-norm states ``[1, D]`` and
-        float32 logits ``[1, V]`` (the cache's length is the caller's to advance)."""
+        float32 logits ``[1, V]`` (``[1, K]`` over a reduced ``head``'s ids); the cache's
+        length is the caller's to advance."""
         h = self._forward(tok, self.cache.length, skip, False)
-        return h, self._head_fn(h, self.out_w, self.out_b)
+        if head is None:
+            return h, self._head_fn(h, self.out_w, self.out_b)
+        return h, self._head_fn(h, head.w, head.b)
 
     def verify(
         self,
