@@ -113,6 +113,8 @@ class RunStats:
     draft_share: float = 0.0
     verify_share: float = 0.0
     plan_share: float = 0.0
+    # drafted tokens the target rejected (drafted - accepted), per generated token
+    wasted_per_token: float = 0.0
     new_tokens: int = 0
     identical_to_ar: bool | None = None
     plans: list[dict[str, Any]] = field(default_factory=list)
@@ -136,6 +138,7 @@ def strategy_stats(
         draft_share=med(lambda r: r.draft_seconds / r.decode_seconds),
         verify_share=med(lambda r: r.verify_seconds / r.decode_seconds),
         plan_share=med(lambda r: r.plan_seconds / r.decode_seconds),
+        wasted_per_token=med(lambda r: (r.drafted - r.accepted) / max(r.new_tokens, 1)),
         new_tokens=r0.new_tokens,
         identical_to_ar=None if reference is None else all(r.tokens == reference for r in results),
         plans=r0.plan_history,
@@ -332,6 +335,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "speedup": med("speedup"), "acceptance_rate": med("acceptance_rate"),
             "mean_accepted_length": med("mean_accepted_length"), "plan_share": med("plan_share"),
             "draft_share": med("draft_share"), "verify_share": med("verify_share"),
+            "wasted_per_token": med("wasted_per_token") if "wasted_per_token" in sel[0] else None,
+            # the round knobs of the drafting plans used (head ids, confidence stop)
+            "draft_vocab": _knob_values(sel, "draft_vocab"),
+            "stop_confidence": _knob_values(sel, "stop_confidence"),
             "identical_to_ar": all(same) if same else None,
             "timing_only": any(r.get("timing_only", False) for r in sel),
             "timing_only_reason": "; ".join(dict.fromkeys(
@@ -341,6 +348,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if backends != [None]:
         cross_backend_ratios(out)
     return out
+
+
+def _knob_values(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    """Distinct values of plan key ``key`` over the drafting plans of ``rows``, sorted."""
+    return sorted({p[key] for r in rows for p in r.get("plans") or ()
+                   if p.get("draft_length", 0) > 0 and key in p})
 
 
 def cross_backend_ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -365,13 +378,18 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     first = next((s["backend"] for s in summary if "backend" in s), "")
     head = ("| context (prompt tokens) | " + ("backend | " if multi else "") +
             "strategy | tok/s | speedup vs AR | " + (f"tok/s vs {first} | " if multi else "") +
-            "acceptance | tokens/step | draft % | verify % | plan % | same tokens as AR |")
-    lines = [head, "|" + "---|" * (12 if multi else 10)]
+            "acceptance | tokens/step | wasted/token | head K / stop | draft % | verify % | "
+            "plan % | same tokens as AR |")
+    lines = [head, "|" + "---|" * (14 if multi else 12)]
     for s in summary:
         if s["strategy"].startswith("hf-"):  # peers: generate() reports no loop statistics
-            stats = "- | - | - | - | - |"
+            stats = "- | - | - | - | - | - | - |"
         else:
+            wasted = s.get("wasted_per_token")
+            knobs = "/".join(str(v) for v in s.get("draft_vocab") or ()) or "-"
+            knobs += " / " + ("/".join(f"{v:g}" for v in s.get("stop_confidence") or ()) or "-")
             stats = (f"{s['acceptance_rate']:.2f} | {s['mean_accepted_length']:.2f} | "
+                     f"{'-' if wasted is None else f'{wasted:.2f}'} | {knobs} | "
                      f"{100 * s['draft_share']:.0f} | {100 * s['verify_share']:.0f} | "
                      f"{100 * s['plan_share']:.1f} |")
         same = {True: "yes", False: "NO", None: "-"}[s["identical_to_ar"]]

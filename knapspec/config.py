@@ -154,6 +154,14 @@ class PlannerSection:
         "the fixed plan's predicted per-token acceptance (needs mask)", "float",
         minimum=0.0, maximum=1.0, strategies=("static",), example=0.8,
         default_text="the prior fidelity profile's estimate for the mask"))
+    draft_vocab: int | None = field(default=None, metadata=_key(  # token ids, 0 = all
+        "ids the draft head scores: the K most frequent of the tokenizer's shipped ranking "
+        "(torch backends; 0 = the full head); verification always scores every id", "int",
+        minimum=0, example=0, default_text="chosen by TPT among the backend's heads"))
+    stop_confidence: float | None = field(default=None, metadata=_key(  # probability
+        "a round stops after the first draft whose top-1 probability is below this "
+        "(0 = always draft the full length)", "float", minimum=0.0, maximum=0.99, example=0.0,
+        default_text="chosen by TPT from the measured acceptance-by-confidence table"))
     calibrate: bool = field(default=True, metadata=_key(  # on/off
         "learn each mask's acceptance from drafting (Beta posterior around the prediction); "
         "drop plans that lose to plain decoding under it", "bool"))

@@ -22,6 +22,7 @@ from .costmodels.io import load_cost_model
 from .decoding import SpeculativeDecoder
 from .errors import KnapSpecError
 from .planner.factory import make_planner
+from .planner.knobs import ConfidenceTable, DraftHead, DraftKnobs, make_knobs
 from .planner.planners import Planner
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def build_session(
     warms the planner up (``Planner.warmup``), so neither lands in a timed decode."""
     be = create_backend(backend, model=model, **(backend_options or {}))
     cm = backend_cost_model(be, cost_model, progress=progress, notice=notice)
-    planner = make_planner(strategy, be.layout, cm, max_draft_length, **(planner_options or {}))
+    options = {"knobs": round_knobs(None, be.draft_vocab_sizes()), **(planner_options or {})}
+    planner = make_planner(strategy, be.layout, cm, max_draft_length, **options)
     planner.warmup()  # its numba kernels load here, not in the first (timed) plan
     return Session(be, cm, planner, SpeculativeDecoder(be, planner))
 
@@ -120,21 +122,49 @@ def config_layout(config: KnapSpecConfig, layout: BlockLayout) -> BlockLayout:
         raise KnapSpecError(f"planner.pinned_blocks: {e}") from None
 
 
+def round_knobs(
+    config: KnapSpecConfig | None, sizes: dict[int, float] | None = None
+) -> DraftKnobs:
+    """The draft heads and confidence stops plans may use (``knapspec.planner.knobs``).
+
+    Args:
+        config: ``planner.draft_vocab`` / ``planner.stop_confidence`` fix a knob (unset:
+            TPT chooses); None: both chosen.
+        sizes: ``{K: coverage}`` of the reduced heads the backend runs
+            (``Backend.draft_vocab_sizes``); priced by the cost model's ``draft_head``.
+
+    The confidence stop uses the acceptance-by-confidence table shipped with the default
+    fidelity profile (measured on SmolLM2-135M; a prior for other models).
+    """
+    pl = None if config is None else config.planner
+    heads = [DraftHead(int(k), None, float(c)) for k, c in sorted((sizes or {}).items())]
+    vocab = "auto" if pl is None or pl.draft_vocab is None else pl.draft_vocab
+    stop = "auto" if pl is None or pl.stop_confidence is None else pl.stop_confidence
+    try:
+        return make_knobs(heads, ConfidenceTable.default(), draft_vocab=vocab,
+                          stop_confidence=stop)
+    except KnapSpecError as e:
+        key = "draft_vocab" if "draft_vocab" in str(e) else "stop_confidence"
+        raise KnapSpecError(f"planner.{key}: {e}") from None
+
+
 def config_planner(
     config: KnapSpecConfig, layout: BlockLayout, cost_model: CostModel,
-    strategy: str | None = None,
+    strategy: str | None = None, backend: Backend | None = None,
 ) -> Planner:
     """The planner for ``strategy`` (default: ``planner.strategy``) with the config's
     options and calibration (``planner.calibrate``, ``prior_strength``, ``replan_margin``),
     warmed up (``Planner.warmup``); a key the strategy does not take is an error naming
-    both."""
+    both.  Its round knobs (``round_knobs``) offer ``backend``'s reduced draft heads
+    (None: the full head only)."""
     pl = config.planner
     strategy = pl.strategy if strategy is None else strategy
     options = pl.options_for(strategy)
+    sizes = backend.draft_vocab_sizes() if backend is not None else {}
     planner = make_planner(strategy, config_layout(config, layout), cost_model,
                            pl.max_draft_length, calibrate=pl.calibrate,
                            prior_strength=pl.prior_strength, replan_margin=pl.replan_margin,
-                           **options)
+                           knobs=round_knobs(config, sizes), **options)
     planner.warmup()  # its numba kernels load here, not in the first (timed) plan
     return planner
 
@@ -148,5 +178,5 @@ def build_session_from_config(
     """
     be = build_backend(config)
     cm = config_cost_model(config, be, progress=progress, notice=notice)
-    planner = config_planner(config, be.layout, cm)
+    planner = config_planner(config, be.layout, cm, backend=be)
     return Session(be, cm, planner, SpeculativeDecoder(be, planner), config)

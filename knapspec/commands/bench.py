@@ -220,7 +220,8 @@ def _run_backend(
                 config.planner.max_draft_length, progress=_progress,
                 peer_repeats=args.peer_repeats,
                 planner_factory=lambda s: (make_planner(s, layout, cost_model) if s == "ar"
-                                           else config_planner(config, layout, cost_model, s)),
+                                           else config_planner(config, layout, cost_model, s,
+                                                              backend=backend)),
                 generation=config.generation_config(), simulator=simulator,
             )
             rows = [{"backend": name, **r} for r in rows]

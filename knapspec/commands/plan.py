@@ -100,7 +100,7 @@ def plan_config(args: argparse.Namespace) -> Any:
 
 def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, Any]]:
     """One plan per context length (``config``: from ``plan_config(args)`` if not given)."""
-    from ..runtime import config_layout
+    from ..runtime import config_layout, round_knobs
 
     config = plan_config(args) if config is None else config
     cm = config.costmodel
@@ -125,6 +125,7 @@ def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, A
         max_draft_length=config.planner.max_draft_length, resolution=args.resolution,
         method=args.method or config.planner.method or "exact",
     )
+    planner.knobs = round_knobs(config, prior_head_sizes(spec.vocab_size))
     rows = [planner.plan(PlanContext(context=c)).to_dict() for c in contexts]
     reason = (getattr(cost_model, "meta", None) or {}).get("timing_only_reason")
     if reason:  # measured on random weights: real latencies, flagged as everywhere else
@@ -133,14 +134,37 @@ def make_plans(args: argparse.Namespace, config: Any = None) -> list[dict[str, A
     return rows
 
 
+def prior_head_sizes(vocab_size: int) -> dict[int, float]:
+    """``{K: coverage}`` of reduced draft heads for a model of ``vocab_size`` ids with no
+    backend to ask: the shipped ranking's sizes and coverages at the same fractions of the
+    vocabulary (measured on SmolLM2-135M's tokenizer; a prior for other tokenizers, as the
+    fidelity profile is).  ``{}`` when no ranking is shipped."""
+    from ..draft_vocab import VocabRanking, shipped_rankings
+
+    found = shipped_rankings()
+    if not found:
+        return {}
+    name, obj = found[0]
+    ranking = VocabRanking.from_json(obj, name)
+    v0 = ranking.ids.size
+    out = {}
+    for k0, cover in ranking.sizes().items():
+        k = k0 if v0 == vocab_size else max(64, round(k0 * vocab_size / v0 / 64) * 64)
+        if k < vocab_size:
+            out[k] = cover
+    return out
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'context':>8} {'attn skip':>9} {'mlp skip':>8} {'d':>2} {'alpha':>6} " \
-           f"{'tok/s':>10} {'speedup':>8}"
+    head = f"{'context':>8} {'attn skip':>9} {'mlp skip':>8} {'d':>2} {'head K':>7} " \
+           f"{'stop':>5} {'alpha':>6} {'tok/s':>10} {'speedup':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['context']:>8} {r['attn_skipped']:>9} {r['mlp_skipped']:>8} "
-            f"{r['draft_length']:>2} {r['predicted_alpha']:>6.3f} {r['predicted_tpt']:>10.1f} "
+            f"{r['draft_length']:>2} {r['draft_vocab'] or 'full':>7} "
+            f"{r['stop_confidence']:>5.2f} {r['predicted_alpha']:>6.3f} "
+            f"{r['predicted_tpt']:>10.1f} "
             f"{r['predicted_speedup']:>7.3f}x"
         )
     return "\n".join(lines)

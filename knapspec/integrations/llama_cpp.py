@@ -182,7 +182,7 @@ class KnapSpecDraftModel(LlamaDraftModel):
                 else:
                     cm = config_cost_model(config, self.backend, progress=False,
                                            notice=log.warning)
-                planner = config_planner(config, layout, cm)
+                planner = config_planner(config, layout, cm, backend=self.backend)
             else:
                 n_blocks = getattr(getattr(planner, "layout", None), "n_blocks", None)
                 if n_blocks is not None and n_blocks != layout.n_blocks:

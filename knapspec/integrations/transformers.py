@@ -191,7 +191,7 @@ def _planner(state: _State, config: KnapSpecConfig, planner: Planner | None) -> 
     key = repr(sorted(config.to_dict()["planner"].items())) + repr(config.to_dict()["costmodel"])
     if key not in state.planners:
         cost = config_cost_model(config, state.backend, progress=False, notice=log.info)
-        state.planners[key] = config_planner(config, layout, cost)
+        state.planners[key] = config_planner(config, layout, cost, backend=state.backend)
     return state.planners[key]
 
 
