@@ -225,8 +225,6 @@ class CalibratedPlanner(Planner):
         lengths = [plan.draft_length] if plan.forced else self.max_draft_length
         # the alphas are the draft's with its head: no coverage to apply again
         knobs = self.knobs.only_head(plan.draft_vocab, 1.0) if self.knobs is not None else None
-        if knobs is not None and plan.forced:
-            knobs = knobs.only_threshold(plan.stop_confidence)
         new = select_plan(np.array(masks), alphas, self.cost_model, ctx.context, lengths,
                           strategy=plan.strategy, remaining_tokens=ctx.remaining_tokens,
                           switch_price=ctx.switch_price, force=plan.forced, knobs=knobs)

@@ -101,6 +101,7 @@ class DraftPlan:
             "draft_vocab": int(self.draft_vocab),
             "stop_confidence": float(self.stop_confidence),
             "expected_draft_steps": float(self.cost.expected_draft_steps),
+            "expected_tokens": float(self.cost.expected_tokens),
             "predicted_alpha": float(self.alpha),
             "predicted_tpt": float(self.tokens_per_second),
             "predicted_speedup": float(self.speedup),
