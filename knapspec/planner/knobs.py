@@ -114,7 +114,9 @@ class ConfidenceTable:
         # rescale so the bins' acceptance adds up to the draft's own alpha
         total = fa.sum(axis=-1)
         fa = fa * np.where(total > 0, alpha / np.maximum(total, 1e-300), 0.0)[..., None]
-        first = np.searchsorted(self.edges, tau, side="right") - 1  # bin holding tau
+        # bin holding tau; the slack keeps a tau on an edge made inexactly (np.linspace's
+        # 0.30000000000000004) on that edge rather than a bin below it
+        first = np.searchsorted(self.edges, tau + 1e-9, side="right") - 1
         keep = np.arange(f.shape[-1]) >= np.clip(first, 0, None)[..., None]  # [..., B]
         s = np.where(tau <= 0, 1.0, (f * keep).sum(axis=-1))
         s_hi = np.where(tau <= 0, alpha, (fa * keep).sum(axis=-1))
