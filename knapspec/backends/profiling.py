@@ -14,7 +14,12 @@ and per block ``attention(c, n) = (t_full - t_no_attn) / L``,
 ``mlp(n) = median_c (t_full - t_no_mlp) / L``, ``head(n)`` from the backend's own head
 timer when it has one, ``overhead(n) = t_none - head(n)``.  The fit is checked: the cost
 model's full step is compared with the measured ``t_full`` and the worst relative error is
-stored in ``meta["full_step_max_rel_error"]``.
+stored in ``meta["full_step_max_rel_error"]``.  A backend with reduced-vocabulary draft
+heads (``draft_vocab_sizes``, ``time_draft_head``) also has each head timed against the
+full one: ``draft_heads = {K: seconds}`` and ``vocab_size`` in the model
+(``draft_head_seconds``); a cached profile that lacks some of them gets them measured and
+saved when it is next loaded (``cached_profile``), so it is never left pricing reduced
+heads by the ``K / V`` projection of ``CostModel.draft_head``.
 
 The timings are checked before they are believed (``profile_trust``: other work on the
 CPU, scattered repeats, points their neighbours contradict); suspect points are measured
@@ -349,10 +354,65 @@ def _fit(backend: Backend, grid: TimingGrid, repeats: int) -> TableCostModel:
     if reason:  # e.g. random weights: the timings are real, the model is not
         meta["timing_only_reason"] = reason
     model = TableCostModel(grid.contexts, grid.ns, attn, mlp, head, overhead, meta=meta)
+    model.vocab_size = int(backend.vocab_size)
+    model.draft_heads.update(draft_head_seconds(backend, float(head[0]), repeats))
     pred = np.array([[model.full_step_seconds(n_layers, c, n) for n in grid.ns]
                      for c in grid.contexts])
     model.meta["full_step_max_rel_error"] = float(np.max(np.abs(pred / t["full"] - 1.0)))
     return model
+
+
+def draft_head_seconds(
+    backend: Backend, full: float, repeats: int = DEFAULT_REPEATS,
+    sizes: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """Seconds of the backend's reduced draft heads, ``{K: seconds}`` (``{}`` when it has
+    none or cannot time them), priced against ``full``, the cost model's one-token head.
+
+    The full head and each head of ``sizes`` (default: every ``draft_vocab_sizes``) are
+    timed in turn, ``repeats`` rounds interleaved (``time_draft_head``: final norm + head
+    on one state, through the linear the draft step uses); head ``K`` costs ``full`` times
+    the ratio of the medians, so that heads measured later (a cached profile topped up)
+    stay comparable with the ``full`` head measured with the blocks.
+    """
+    timer = getattr(backend, "time_draft_head", None)
+    ks = sorted(_offered_heads(backend) if sizes is None else sizes)
+    if not ks or not callable(timer):
+        return {}
+    runs: dict[int, list[float]] = {k: [] for k in (0, *ks)}
+    for _ in range(max(repeats, 1)):
+        for k in runs:
+            runs[k].append(timer(k, 1))
+    base = max(float(np.median(runs[0])), 1e-12)
+    out = {k: full * float(np.median(runs[k])) / base for k in ks}
+    log.info("draft heads: %s ms (full head %.3f ms)",
+             ", ".join(f"K={k} {1e3 * s:.3f}" for k, s in out.items()), 1e3 * full)
+    return out
+
+
+def _offered_heads(backend: Backend) -> list[int]:
+    """The reduced draft heads ``K`` the backend runs (``draft_vocab_sizes``; [] if none)."""
+    sizes = getattr(backend, "draft_vocab_sizes", None)
+    return sorted(sizes()) if callable(sizes) else []
+
+
+def _top_up_heads(backend: Backend, model: TableCostModel, path: Path) -> None:
+    """Time the reduced draft heads a cached profile lacks (profiles made before they
+    existed, or before this tokenizer had a ranking) and save them into ``path``."""
+    if model.vocab_size is None and getattr(backend, "vocab_size", None):
+        model.vocab_size = int(backend.vocab_size)
+    missing = [k for k in _offered_heads(backend) if k not in model.draft_heads]
+    if not missing:
+        return
+    found = draft_head_seconds(backend, model.head(1), sizes=missing)
+    if not found:
+        return
+    model.draft_heads.update(found)
+    log.info("cached cost model %s lacked draft heads %s: measured now", path, missing)
+    try:
+        save_cost_model(model, path)
+    except (OSError, KnapSpecError) as e:
+        log.warning("could not save the measured draft heads into %s: %s", path, e)
 
 
 # ------------------------------------------------------------------------------ cache
@@ -427,6 +487,9 @@ def cached_profile(
     what is happening, roughly how long it takes and where the result goes: logged at INFO
     and passed to ``notice`` (the CLI writes it to stderr).
 
+    A cached profile lacking draft heads the backend offers (``draft_head_seconds``) has
+    them timed now (under a second) and saved into the file.
+
     Args:
         refresh: profile again even if the file exists.
         allow_untrusted: cache a profile that failed its trust checks (it stays marked
@@ -447,6 +510,7 @@ def cached_profile(
                             "; ".join(trust.get("reasons") or ["no reason recorded"]))
             else:
                 log.info("using cached cost model %s", p)
+            _top_up_heads(backend, model, p)
             return model
     p.parent.mkdir(parents=True, exist_ok=True)
     est = estimate_profile_seconds(backend, **kwargs)

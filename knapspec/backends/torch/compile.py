@@ -352,6 +352,13 @@ class TorchCompileBackend(TorchEagerBackend):
             self._mlp_fn(dyn(), self.mlp_w[0], self.eps, self.act)
             self._norm_fn(dyn(), self.norm_w, self.norm_eps)
             self._head_fn(dyn(), self.out_w, self.out_b)
+            if self.draft_vocab_sizes():  # reduced draft heads: the head's rows dynamic too
+                h = x[:1].contiguous()  # [1, D], as a draft step's states
+                for rows in (64, 128):  # scratch weights, two sizes: the graph is dynamic in K
+                    # copies made here are inference tensors, as ReducedHead's rows are
+                    w = self.out_w[:rows].clone()  # [rows, D]
+                    b = None if self.out_b is None else self.out_b[:rows].clone()
+                    self._head_fn(h, w, b)
 
     def _warm_static(self, tok: list[int]) -> None:
         """Compile the static steps' attention for ``T = 1`` and ``T >= 2`` (run without
@@ -380,6 +387,24 @@ class TorchCompileBackend(TorchEagerBackend):
         self._final = h.clone()  # a graph's buffer is overwritten by its next replay
         self.cache.append(record if record is not None else range(n), full=record is not None)
         return logits if all_logits else logits[-1:]
+
+    def _reduced_head(self, vocab: int) -> ReducedHead:
+        """``ReducedHeads._reduced_head``; a new head's weight is prepacked like the full
+        head's (same decision rule, ``prepack``), so that a reduced draft step runs through
+        the same linear as a full one (the compiled head, ``prepack.linear``)."""
+        fresh = int(vocab) not in self._heads
+        head = super()._reduced_head(vocab)
+        if fresh and self._linear is not None:
+            self._packed.prepack([head.w], self.prepack_mode)
+        return head
+
+    def _drop_head(self, vocab: int) -> None:
+        head = self._heads.get(vocab)
+        if head is not None and head.w.data_ptr() in self._packed.keys:  # unregister it
+            self._packed.keys.remove(head.w.data_ptr())
+            self._packed.nbytes -= head.w.numel() * head.w.element_size()
+            prepack.release([head.w.data_ptr()])
+        super()._drop_head(vocab)
 
     def _draft_step(
         self, tok: torch.Tensor, skip: tuple[bool, ...] | None, head: ReducedHead | None = None

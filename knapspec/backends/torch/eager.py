@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +42,7 @@ from ...errors import KnapSpecError
 from ...sampling import SamplingParams
 from ..base import Backend
 from . import tokens as device_tokens
-from .blocks import attention_block, causal_mask, head, lm_head, mlp_block, rms_norm
+from .blocks import attention_block, causal_mask, lm_head, mlp_block, rms_norm
 from .kvcache import CaptureWindow, KVCache
 from .oracle import TorchBlockOracle
 from .vocab import ReducedHead, ReducedHeads, draft_confidence
@@ -568,22 +566,10 @@ class TorchEagerBackend(ReducedHeads, Backend):
             torch.cuda.synchronize(self.device)
 
     def time_head(self, n_tokens: int, repeats: int) -> float:
-        """Median seconds of final norm + LM head on ``n_tokens`` states (device work
-        included: synchronised before and after each call)."""
-        if n_tokens < 1 or repeats < 1:
-            raise KnapSpecError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
-        with torch.inference_mode():
-            x = torch.randn(n_tokens, self.dim, generator=torch.Generator().manual_seed(0))
-            x = x.to(self.device, self.dtype)
-            head(x, self.norm_w, self.norm_eps, self.out_w, self.out_b)  # warm-up
-            times = []
-            for _ in range(repeats):
-                self.synchronize()
-                t0 = time.perf_counter()
-                head(x, self.norm_w, self.norm_eps, self.out_w, self.out_b).float()
-                self.synchronize()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        """Median seconds of final norm + LM head on ``n_tokens`` states, through the norm
+        and linear ``forward`` uses (device work included: synchronised before and after
+        each call)."""
+        return self._time_norm_head(n_tokens, repeats, self.out_w, self.out_b)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -27,8 +27,10 @@ two token ranges:
 * ``prefill`` (larger ``M``: prompt chunks), measured at ``M = PREFILL_PROBE_TOKENS``.
 
 The decisions, their timings and the extra memory (the dense weights stay: the block
-oracle and profiling of the head use them) are logged and returned for ``describe()``.
-Nothing is cached on disk.
+oracle uses them) are logged and returned for ``describe()``.  Nothing is cached on disk.
+A reduced-vocabulary draft head's weight (its own ``[K, D]`` copy of the head's rows) is
+registered the same way when the backend first uses it, with its own shape's decision,
+so a reduced draft step and a full one both run through ``linear``.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class PackedLinears:
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # per weight shape
     keys: list[int] = field(default_factory=list)  # data pointers registered in _PACKED
     nbytes: int = 0  # bytes of the packed copies (the dense weights stay)
-    setup_seconds: float = 0.0  # spent measuring and packing
+    setup_seconds: float = 0.0  # spent measuring and packing (every ``prepack`` call)
 
     def prepack(self, weights: Iterable[torch.Tensor], mode: str = "auto") -> None:
         """Pack every 2-D CPU weight of a packable dtype where it is faster.
@@ -201,7 +203,7 @@ class PackedLinears:
             _PACKED[key] = _Entry(w, packed, choice["step"], choice["prefill"])
             self.keys.append(key)
             self.nbytes += w.numel() * w.element_size()
-        self.setup_seconds = time.perf_counter() - t0
+        self.setup_seconds += time.perf_counter() - t0
         for shape, c in self.decisions.items():
             log.info(
                 "prepack %s: step (M<=%d) %s [%s ms dense/packed], prefill %s [%s ms]",
@@ -232,8 +234,9 @@ class PackedLinears:
         self.keys = []
 
     def attach(self, owner: Any) -> None:
-        """Unregister the weights when ``owner`` is garbage-collected."""
-        weakref.finalize(owner, release, list(self.keys))
+        """Unregister the weights when ``owner`` is garbage-collected (those registered
+        later too: reduced draft heads are packed when first used)."""
+        weakref.finalize(owner, self.release)
 
     def describe(self) -> dict[str, Any]:
         return {

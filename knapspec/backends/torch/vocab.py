@@ -10,6 +10,9 @@ Shapes: ``K`` ids of a reduced head, ``V`` vocabulary, ``D`` hidden size.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +59,15 @@ class ReducedHeads:
     out_w: torch.Tensor  # [V, D]
     out_b: torch.Tensor | None  # [V]
     _heads: dict[int, ReducedHead]  # K -> reduced draft head, made when first used
+    # read by the timers: hidden size, parameter dtype and device, the final norm
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    norm_w: torch.Tensor  # [D]
+    norm_eps: float
+    _norm_fn: Callable[..., torch.Tensor]  # rms_norm, or the backend's compiled version
+    _head_fn: Callable[..., torch.Tensor]  # lm_head, or the backend's compiled version
+    synchronize: Callable[[], None]  # waits for the work queued on the device
 
     def draft_vocab_sizes(self) -> dict[int, float]:
         """``{K: coverage}`` of the reduced draft heads (``Backend.draft_vocab_sizes``),
@@ -75,6 +87,49 @@ class ReducedHeads:
             ids = torch.as_tensor(self.vocab_ranking.top(int(vocab)))  # [K]
             head = self._heads[int(vocab)] = ReducedHead.from_head(self.out_w, self.out_b, ids)
         return head
+
+    # ------------------------------------------------------------------ measurement
+    def time_draft_head(self, vocab: int, repeats: int) -> float:
+        """Median seconds of a draft step's head on one state: the final norm and the head
+        over the top ``vocab`` ids (0: the full head), through the same norm and linear as
+        ``_draft_step`` (compiled, prepacked where the backend is), device work included."""
+        if not vocab:
+            return self._time_norm_head(1, repeats, self.out_w, self.out_b)
+        made = int(vocab) not in self._heads
+        head = self._reduced_head(vocab)
+        try:
+            return self._time_norm_head(1, repeats, head.w, head.b)
+        finally:
+            if made:  # made only to be timed: its [K, D] copy is not kept
+                self._drop_head(int(vocab))
+
+    def _drop_head(self, vocab: int) -> None:
+        """Forget the reduced head of ``vocab`` ids (made again when next used)."""
+        self._heads.pop(vocab, None)
+
+    def _time_norm_head(self, n_tokens: int, repeats: int, w: torch.Tensor,
+                        b: torch.Tensor | None) -> float:
+        """Median seconds of ``_norm_fn`` then ``_head_fn`` over ``w`` ``[N, D]`` on
+        ``n_tokens`` random states, after one warm-up call (synchronised before and after
+        each call)."""
+        if n_tokens < 1 or repeats < 1:
+            raise KnapSpecError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
+        with torch.inference_mode():
+            x = torch.randn(n_tokens, self.dim, generator=torch.Generator().manual_seed(0))
+            x = x.to(self.device, self.dtype)  # [n, D]
+
+            def call() -> torch.Tensor:
+                return self._head_fn(self._norm_fn(x, self.norm_w, self.norm_eps), w, b)
+
+            call()  # warm-up
+            times = []
+            for _ in range(repeats):
+                self.synchronize()
+                t0 = time.perf_counter()
+                call()
+                self.synchronize()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
 def draft_confidence(logits: torch.Tensor, q: torch.Tensor | None = None) -> float:
