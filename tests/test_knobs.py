@@ -85,6 +85,9 @@ def test_a_higher_threshold_keeps_fewer_steps_and_never_more_acceptance(make, al
     assert np.all(np.diff(s) <= 1e-12)  # fewer confident steps as tau rises
     assert np.all((s >= 0) & (s <= 1)) and np.all((hi >= 0) & (hi <= 1))
     assert np.all(s * hi <= alpha + 1e-12)  # the confident steps' acceptance is alpha's part
+    unsure = s < 1 - 1e-9
+    lo = (alpha - s[unsure] * hi[unsure]) / (1 - s[unsure])  # the unsure steps' acceptance
+    assert np.all((lo >= -1e-9) & (lo <= 1 + 1e-9))
 
 
 def test_confident_steps_are_accepted_more_than_the_average():
@@ -112,6 +115,20 @@ def test_reference_rows_are_reproduced_and_others_interpolated():
         s, hi = tab.stop_stats(alpha, 0.5)
         assert s == pytest.approx(tab.fraction[r, 5:].sum())
         assert s * hi <= alpha + 1e-12
+
+
+def test_beyond_the_best_reference_sure_drafts_are_still_sometimes_rejected():
+    """A draft better than every reference keeps the best one's shares; its rejections,
+    not its acceptances, are scaled, so no bin's rate passes 1."""
+    tab = _table()
+    assert tab.alphas[-1] < 0.9
+    for alpha in (0.9, 0.95, 0.99):
+        s, hi = tab.stop_stats(alpha, np.array([0.5, 0.8, 0.9]))
+        assert np.all(hi < 1.0) and np.all(np.diff(hi) > 0)
+        rejected = (1 - alpha) / (1 - tab.alphas[-1])  # of the best reference's rejections
+        want = 1 - (tab.fraction[-1, 9:] * (1 - tab.accept[-1, 9:])).sum() * rejected / s[2]
+        assert hi[2] == pytest.approx(want)
+    assert tab.stop_stats(1.0, 0.8)[1] == 1.0
 
 
 def test_a_threshold_between_edges_rounds_down_to_an_edge():

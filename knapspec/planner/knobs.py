@@ -111,9 +111,14 @@ class ConfidenceTable:
             f = (1 - w) * self.fraction[lo] + w * self.fraction[hi]  # [..., B]
             fa = ((1 - w) * self.fraction[lo] * self.accept[lo]
                   + w * self.fraction[hi] * self.accept[hi])  # [..., B]
-        # rescale so the bins' acceptance adds up to the draft's own alpha
+        # outside the references, rescale so the bins' acceptance adds up to the draft's own
+        # alpha: below them scale the accepted share down, above them the rejected share
+        # (scaling acceptance up would pass 1 in the surest bins and claim sure drafts are
+        # never rejected); inside them ``total == alpha`` already
         total = fa.sum(axis=-1)
-        fa = fa * np.where(total > 0, alpha / np.maximum(total, 1e-300), 0.0)[..., None]
+        down = np.where(total > 0, alpha / np.maximum(total, 1e-300), 0.0)[..., None]
+        up = np.where(total < 1, (1 - alpha) / np.maximum(1 - total, 1e-300), 0.0)[..., None]
+        fa = np.where((alpha > total)[..., None], f - (f - fa) * up, fa * down)
         # bin holding tau; the slack keeps a tau on an edge made inexactly (np.linspace's
         # 0.30000000000000004) on that edge rather than a bin below it
         first = np.searchsorted(self.edges, tau + 1e-9, side="right") - 1
