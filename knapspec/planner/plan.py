@@ -29,7 +29,9 @@ class CostBreakdown:
 
     context: float  # tokens in the KV cache when planned
     draft_step_seconds: float  # one draft step (1 token) under the skip mask
-    verify_seconds: float  # one full-model verification of draft_length + 1 tokens
+    # one full-model verification of draft_length + 1 tokens (with a confidence stop: its
+    # expectation over the round's length)
+    verify_seconds: float
     # expected round: expected_draft_steps * draft_step_seconds + expected verification
     round_seconds: float
     expected_tokens: float  # expected tokens per round, (1 - a^(d+1)) / (1 - a) at tau = 0
