@@ -180,7 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skips", default="2,4,6,8,12,16,20,24,28,32",
                     help="blocks skipped per reference draft, comma-separated")
-    ap.add_argument("--tokens", type=int, default=384, help="measured tokens per book slice")
+    ap.add_argument("--tokens", type=int, default=384,
+                    help="measured tokens per book slice (0: no books)")
     ap.add_argument("--prompts", type=int, default=8, help="Spec-Bench prompts (0: none)")
     ap.add_argument("--continuation", type=int, default=128,
                     help="greedy tokens generated (and measured) per prompt")
@@ -195,7 +196,7 @@ def main() -> None:
     be = TorchEagerBackend(None, dtype="float32", device="cpu", threads=args.threads)
     layout = be.layout
     masks = reference_masks(layout, default_block_scores(layout.n_layers), skips)
-    texts = book_texts(be, args.tokens)
+    texts = book_texts(be, args.tokens) if args.tokens > 0 else []
     if args.prompts:
         texts += specbench_texts(be, args.prompts, args.continuation)
     confs, accs = [], []

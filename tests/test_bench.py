@@ -30,6 +30,12 @@ def test_benchmark_rows_summary_and_table():
     assert all(s["prompts"] == 2 for s in summary)
     table = markdown_table(summary)
     assert table.count("\n") == 4 and "| knapspec |" in table
+    for s, sel in ((s, [r for r in rows if r["strategy"] == s["strategy"]]) for s in summary):
+        # the round knobs of the drafting plans, and wasted drafts per generated token
+        drafting = [p for r in sel for p in r["plans"] if p["draft_length"] > 0]
+        assert s["draft_vocab"] == sorted({p["draft_vocab"] for p in drafting})
+        assert s["stop_confidence"] == sorted({p["stop_confidence"] for p in drafting})
+        assert s["wasted_per_token"] >= 0.0
 
 
 def test_sweep_without_a_block_oracle_measures_alphas_through_forward():

@@ -31,6 +31,21 @@ def test_plan_json_shows_the_central_effect():
     assert share[-1] > share[0]
 
 
+def test_plan_json_reports_the_round_knobs(capsys):
+    """Every plan says its draft head and confidence stop; a fixed stop is what it reports
+    (and a stop the config sets is still scored: the plan still pays)."""
+    assert main(["plan", "--model-spec", "llama-3.1-8b", "--hardware", "h100", "--context",
+                 "1024", "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)[0]
+    assert isinstance(free["draft_vocab"], int) and isinstance(free["stop_confidence"], float)
+    assert main(["plan", "--model-spec", "llama-3.1-8b", "--hardware", "h100", "--context",
+                 "1024", "--json", "--set", "planner.stop_confidence=0.5"]) == 0
+    fixed = json.loads(capsys.readouterr().out)[0]
+    assert fixed["stop_confidence"] == 0.5 and fixed["draft_length"] >= 1
+    assert fixed["expected_draft_steps"] < fixed["draft_length"]  # the stop shortens rounds
+    assert fixed["predicted_tpt"] <= free["predicted_tpt"] + 1e-9  # free choice is no worse
+
+
 def test_plan_table_and_plot(tmp_path, capsys):
     png = tmp_path / "plans.png"
     assert main(["plan", "--model-spec", "qwen3-8b", "--hardware", "a100",
