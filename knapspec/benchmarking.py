@@ -28,6 +28,7 @@ from .costmodels.base import CostModel
 from .decoding import GenerationConfig, SpeculativeDecoder
 from .errors import KnapSpecError
 from .planner.factory import make_planner
+from .planner.knobs import FULL_HEAD, DraftHead, DraftKnobs
 from .planner.plan import select_plan
 from .planner.planners import Planner, StaticPlanner
 from .simulate import AcceptanceSimulator
@@ -425,9 +426,14 @@ def sweep(
     draft_lengths: Sequence[int] = (1, 2, 3, 4),
     progress: Callable[[str], None] | None = None,
     simulator: AcceptanceSimulator | None = None,
+    draft_vocab: int = 0,
 ) -> list[dict[str, Any]]:
     """Force plans (skip budgets x draft lengths, plus autoregressive) and compare predicted
     with measured tokens/s.
+
+    ``draft_vocab``: also force every (mask, draft length) with the backend's reduced draft
+    head of that many ids (``Backend.draft_vocab_sizes``), its acceptance scaled by the
+    head's coverage: the points then test the head's price too.
 
     Masks skip the ``k`` blocks whose single-block skip hurts least, measured with the
     backend's block oracle on the prompt; the predicted acceptance of each mask is its top-1
@@ -467,19 +473,32 @@ def sweep(
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
     sim_alpha = simulator.alpha_for if simulator is not None else float
     points = []
-    plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0)]
-    plans += [(m, d, a) for m, a in zip(masks, alphas, strict=True) for d in draft_lengths]
+    heads = [0]
+    if draft_vocab:
+        cover = be.draft_vocab_sizes()
+        if draft_vocab not in cover:
+            raise KnapSpecError(f"draft_vocab {draft_vocab}: the backend's reduced heads are "
+                                f"{sorted(cover) or 'none'}")
+        heads.append(int(draft_vocab))
+    plans = [(np.zeros(be.layout.n_blocks, bool), 0, 1.0, 0)]
+    plans += [(m, d, a, k) for k in heads for m, a in zip(masks, alphas, strict=True)
+              for d in draft_lengths]
     ctx = len(prompt.ids)
-    for mask, d, a in plans:
+    for mask, d, a, k in plans:
         if progress:
-            progress(f"sweep ctx={ctx} skip={int(mask.sum())} d={d}")
+            progress(f"sweep ctx={ctx} skip={int(mask.sum())} d={d} K={k or 'full'}")
         if d == 0:
             planner = make_planner("ar", be.layout, cost_model)
             predicted = 1.0 / cost_model.full_step_seconds(be.layout.n_layers, ctx, 1)
         else:
+            # the head's coverage scales the mask's acceptance; no confidence stop
+            knobs = DraftKnobs((DraftHead(k, None, be.draft_vocab_sizes()[k]) if k
+                                else FULL_HEAD,))
+            a = a * knobs.heads[0].coverage
             planner = StaticPlanner(be.layout, cost_model, mask, alpha=a, draft_length=d)
+            planner.knobs = DraftKnobs((dataclasses.replace(knobs.heads[0], coverage=1.0),))
             predicted = select_plan(mask[None], [sim_alpha(a)], cost_model, ctx, [d],
-                                    force=True).tokens_per_second
+                                    force=True, knobs=planner.knobs).tokens_per_second
         dec = SpeculativeDecoder(be, planner, simulator=simulator)
         # untimed warm-up: a backend's one-off mask switch (llama.cpp: loading the draft)
         # is not part of the steady-state speed this point predicts
@@ -487,7 +506,7 @@ def sweep(
         res = dec.generate(prompt.ids, config)
         points.append({
             "context": ctx, "attn_skipped": int(mask[0::2].sum()),
-            "mlp_skipped": int(mask[1::2].sum()), "draft_length": d,
+            "mlp_skipped": int(mask[1::2].sum()), "draft_length": d, "draft_vocab": k,
             "predicted_alpha": a, "measured_alpha": res.acceptance_rate if d else 1.0,
             "prior_alpha": additive_alpha(prior[mask]) if d else 1.0,
             "predicted_tps": predicted, "measured_tps": res.tokens_per_second,

@@ -455,3 +455,26 @@ def test_greedy_with_a_forced_reduced_head_equals_autoregressive(smol):
     finally:
         del smol._reduced_head, smol.draft
     assert k in smol._heads and smol._heads[k].size == k
+
+
+def test_the_sweep_forces_plans_with_a_reduced_head_too(backend, monkeypatch):
+    """``sweep(draft_vocab=K)``: every forced (mask, d) again with the head of K ids, its
+    acceptance scaled by the head's coverage, predicted with that head's price; a head the
+    backend lacks is refused by name."""
+    from knapspec.benchmarking import Prompt, sweep
+    from knapspec.costmodels import LinearCostModel
+    from knapspec.errors import KnapSpecError
+
+    cost = LinearCostModel(mlp_s=1e-3, attn_per_token_s=1e-7, attn_base_s=5e-4, head_s=2e-3,
+                           overhead_s=1e-3)
+    cost.draft_heads[32] = 1e-4
+    monkeypatch.setattr(backend, "decode", lambda ids: "")  # no tokenizer: no text
+    prompt = Prompt("p", 16, make_ids(16, seed=2))
+    points = sweep(backend, cost, prompt, 6, skip_counts=(2,), draft_lengths=(2,),
+                   draft_vocab=32)
+    assert [(p["draft_length"], p["draft_vocab"]) for p in points] == [(0, 0), (2, 0), (2, 32)]
+    full, reduced = points[1], points[2]
+    assert reduced["predicted_alpha"] == pytest.approx(0.5 * full["predicted_alpha"])
+    assert 32 in backend._heads  # drafting ran with the reduced head
+    with pytest.raises(KnapSpecError, match="draft_vocab 48"):
+        sweep(backend, cost, prompt, 6, skip_counts=(2,), draft_lengths=(2,), draft_vocab=48)

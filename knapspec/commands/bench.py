@@ -65,6 +65,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="force plans (skip budgets x draft lengths) and report predicted vs "
                    "measured tokens/s")
+    p.add_argument("--sweep-draft-vocab", metavar="K", type=int, default=0,
+                   help="with --sweep: also force every plan with the backend's reduced draft "
+                   "head of K ids (torch backends; see draft_vocab_sizes)")
     p.add_argument("--simulate-acceptance", metavar="SPEC", default=None,
                    help="timing only: run everything for real but draw each round's accepted "
                    "drafts at the plan's predicted acceptance ('predicted'), a fixed one "
@@ -208,7 +211,7 @@ def _run_backend(
             for c in contexts:
                 points += sweep(backend, cost_model, _sweep_prompt(args, backend, c),
                                 config.generation.max_new_tokens, progress=_progress,
-                                simulator=simulator)
+                                simulator=simulator, draft_vocab=args.sweep_draft_vocab)
             rows = [{"backend": name, **p} for p in points]
         else:
             prompts = make_prompts(backend, contexts, args.prompts,
@@ -248,6 +251,11 @@ def run(args: argparse.Namespace) -> int:
     strategies = _strategies(args, config)
     if args.repeats < 1 or args.prompts < 1 or config.generation.max_new_tokens < 2:
         raise KnapSpecError("--repeats and --prompts must be >= 1, --max-new-tokens >= 2")
+    if args.sweep_draft_vocab and not args.sweep:
+        raise KnapSpecError("--sweep-draft-vocab applies to --sweep only")
+    if args.sweep_draft_vocab < 0:
+        raise KnapSpecError(f"--sweep-draft-vocab: expected K >= 1 ids, got "
+                            f"{args.sweep_draft_vocab}")
     contexts = parse_contexts(args.context_tokens)
     simulator = _simulator(args, config)
     configs = _backend_configs(args, config, strategies)
@@ -270,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         table = "\n".join(
             f"{p['backend']:>13} {p['context']:>6} attn {p['attn_skipped']:>2} "
             f"mlp {p['mlp_skipped']:>2} "
-            f"d {p['draft_length']} alpha {p['predicted_alpha']:.2f}/{p['measured_alpha']:.2f} "
+            f"d {p['draft_length']} K {p.get('draft_vocab') or 'full':>5} "
+            f"alpha {p['predicted_alpha']:.2f}/{p['measured_alpha']:.2f} "
             f"predicted {p['predicted_tps']:7.2f} measured {p['measured_tps']:7.2f} tok/s"
             for p in rows)
         for info in infos:
