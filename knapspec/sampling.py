@@ -73,6 +73,22 @@ def top1_probability(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(z - z.max()).sum())
 
 
+def draft_token(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+    confidence: bool = False,
+) -> tuple[int, np.ndarray | None, float]:
+    """One draft step's choice from its logits ``[V]``: ``(token, q, top)``.
+
+    Greedy: the argmax, ``q`` None; sampling: a draw from the processed distribution ``q``
+    ``[V]`` (temperature, top-p).  ``top`` is the draft's confidence, the top-1 probability
+    of ``q`` (greedy: of the softmax at temperature 1; computed only with ``confidence``,
+    else 1.0)."""
+    if params.greedy:
+        return int(np.argmax(logits)), None, top1_probability(logits) if confidence else 1.0
+    q = probabilities(logits, params)  # [V]
+    return sample(q, rng), q, float(q.max())
+
+
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token id from a probability vector ``[V]`` (inverse CDF, robust to rounding)."""
     c = np.cumsum(p)

@@ -26,12 +26,11 @@ from ..blocks import BlockLayout
 from ..errors import KnapSpecError
 from ..sampling import (
     SamplingParams,
+    draft_token,
     greedy_verify,
     probabilities,
     rejection_verify,
-    sample,
     select,
-    top1_probability,
 )
 from .profiling import profile_backend
 
@@ -148,14 +147,9 @@ class Backend(ABC):
         tok = last
         for _ in range(n):
             logits = self.forward([tok], mask, all_logits=False)[-1]  # [V]
-            if sampling.greedy:
-                tok = int(np.argmax(logits))
-                top = top1_probability(logits) if stop_confidence > 0 else 1.0
-            else:
-                q = probabilities(logits, sampling)  # [V]
+            tok, q, top = draft_token(logits, sampling, rng, stop_confidence > 0)
+            if q is not None:
                 probs.append(q)
-                tok = sample(q, rng)
-                top = float(q.max())
             tokens.append(tok)
             if tok in stop_ids or top < stop_confidence:
                 break  # the generation would end here, or the draft is unsure

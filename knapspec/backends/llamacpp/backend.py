@@ -31,7 +31,7 @@ import numpy as np
 
 from ...blocks import BlockLayout
 from ...errors import KnapSpecError
-from ...sampling import SamplingParams, probabilities, sample, top1_probability
+from ...sampling import SamplingParams, draft_token
 from ..base import Backend
 from .gguf_draft import (
     DRAFTABLE,
@@ -268,14 +268,9 @@ class LlamaCppBackend(Backend):
         probs = []
         logits = first
         for i in range(n):
-            if sampling.greedy:
-                tok = int(np.argmax(logits))
-                top = top1_probability(logits) if stop_confidence > 0 else 1.0
-            else:
-                q = probabilities(logits, sampling)  # [V]
+            tok, q, top = draft_token(logits, sampling, rng, stop_confidence > 0)
+            if q is not None:
                 probs.append(q)
-                tok = sample(q, rng)
-                top = float(q.max())
             tokens.append(tok)
             if tok in stop_ids or i == n - 1 or top < stop_confidence:
                 break  # a stop id ends the generation (nothing after it is kept), or unsure
