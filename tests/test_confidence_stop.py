@@ -308,7 +308,7 @@ def _llama_mask(n_layers: int = 30) -> np.ndarray:
 def test_llamacpp_draft_stops_after_the_first_unsure_draft(llama_backend, monkeypatch):
     """llama.cpp drafts on its own KV after the first step, which a ``forward`` cannot
     replay: the confidences are read where the draft computes them."""
-    from knapspec.backends.llamacpp import backend as llama_module
+    import knapspec.sampling as sampling_module
 
     be = llama_backend
     seen: list[float] = []
@@ -317,7 +317,7 @@ def test_llamacpp_draft_stops_after_the_first_unsure_draft(llama_backend, monkey
         seen.append(top1_probability(logits))
         return seen[-1]
 
-    monkeypatch.setattr(llama_module, "top1_probability", spy)
+    monkeypatch.setattr(sampling_module, "top1_probability", spy)  # draft_token reads it
     prompt = be.encode(specbench_prompts(1)[0])
     mask = _llama_mask()
     tau = 0.5
