@@ -84,3 +84,13 @@ def fake_cost_model() -> LinearCostModel:
         mlp_s=1e-3, attn_per_token_s=1e-6, attn_base_s=5e-4, head_s=1e-4, overhead_s=1e-4,
         mlp_per_token_s=1e-4, attn_per_new_token_s=5e-5,
     )
+
+
+def linear_cost_model(**kw: float) -> LinearCostModel:
+    """A ``LinearCostModel`` whose every term is set (per-token slopes included), with
+    ``kw`` replacing any of them (seconds)."""
+    base = dict(mlp_s=1e-3, attn_per_token_s=2e-7, attn_base_s=4e-4, head_s=2e-3,
+                overhead_s=5e-4, mlp_per_token_s=5e-5, attn_per_new_token_s=1e-5,
+                head_per_token_s=2e-4)
+    base.update(kw)
+    return LinearCostModel(**base)

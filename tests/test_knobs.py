@@ -15,11 +15,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from fake_backend import linear_cost_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knapspec.blocks import BlockLayout
-from knapspec.costmodels import LinearCostModel
 from knapspec.errors import KnapSpecError
 from knapspec.planner import CalibratedPlanner, PlanContext, StaticPlanner, select_plan
 from knapspec.planner.calibration import draft_key
@@ -57,14 +57,6 @@ def _table() -> ConfidenceTable:
     ])
     alphas = (fraction * accept).sum(axis=1)
     return ConfidenceTable(EDGES, alphas, fraction, accept)
-
-
-def _linear(**kw) -> LinearCostModel:
-    base = dict(mlp_s=1e-3, attn_per_token_s=2e-7, attn_base_s=4e-4, head_s=2e-3,
-                overhead_s=5e-4, mlp_per_token_s=5e-5, attn_per_new_token_s=1e-5,
-                head_per_token_s=2e-4)
-    base.update(kw)
-    return LinearCostModel(**base)
 
 
 # ------------------------------------------------------------------ the table
@@ -317,7 +309,7 @@ def _stopped_tpt(plan, cm, tab, ctx):
 @settings(max_examples=50, deadline=None)
 @given(masks_strategy, st.data(), st.integers(1, 8000), st.integers(1, 8))
 def test_trivial_knobs_give_exactly_the_plan_without_knobs(masks, data, ctx, dmax):
-    cm = _linear()
+    cm = linear_cost_model()
     arr = np.array(masks, dtype=bool)
     a = data.draw(st.lists(unit, min_size=len(arr), max_size=len(arr)))
     plain = select_plan(arr, a, cm, ctx, dmax)
@@ -337,7 +329,7 @@ def test_trivial_knobs_give_exactly_the_plan_without_knobs(masks, data, ctx, dma
 def test_knobs_never_lower_the_predicted_rate_and_never_lose_to_plain_decoding(
     masks, data, ctx, dmax
 ):
-    cm = _linear()
+    cm = linear_cost_model()
     arr = np.array(masks, dtype=bool)
     a = data.draw(st.lists(unit, min_size=len(arr), max_size=len(arr)))
     tab = _table()
@@ -355,7 +347,7 @@ def test_knobs_never_lower_the_predicted_rate_and_never_lose_to_plain_decoding(
 def test_a_stop_is_chosen_where_it_pays_and_reported():
     """A cheap draft of good acceptance: without a stop the best round is short (long rounds
     waste the steps after a miss); with one, rounds run long while the draft is sure."""
-    cm = _linear(head_s=1e-4, overhead_s=1e-4, head_per_token_s=0.0)
+    cm = linear_cost_model(head_s=1e-4, overhead_s=1e-4, head_per_token_s=0.0)
     mask = BlockLayout(4).mask_from_blocks([2, 3, 4, 5])
     tab = _table()
     plain = select_plan([mask], [0.9], cm, 200, 8)
@@ -369,7 +361,7 @@ def test_a_stop_is_chosen_where_it_pays_and_reported():
 
 
 def test_no_draft_pays_gives_the_autoregressive_plan_with_knobs_too():
-    cm = _linear(mlp_s=1e-1)  # a draft step costs as much as it saves, and more
+    cm = linear_cost_model(mlp_s=1e-1)  # a draft step costs as much as it saves, and more
     mask = BlockLayout(4).mask_from_blocks([2])
     plan = select_plan([mask], [0.6], cm, 100, 8, knobs=make_knobs(confidence=_table()))
     assert plan.is_autoregressive and plan.stop_confidence == 0.0
@@ -377,7 +369,7 @@ def test_no_draft_pays_gives_the_autoregressive_plan_with_knobs_too():
 
 
 def test_force_honours_the_knobs():
-    cm = _linear(mlp_s=1e-1)  # nothing pays: only force drafts
+    cm = linear_cost_model(mlp_s=1e-1)  # nothing pays: only force drafts
     mask = BlockLayout(4).mask_from_blocks([2])
     knobs = make_knobs([DraftHead(1000, seconds=1e-4, coverage=0.9)], _table(),
                        stop_confidence=0.6, draft_vocab=1000)
@@ -395,7 +387,7 @@ def test_force_honours_the_knobs():
 def test_calibration_is_kept_per_mask_and_draft_head():
     layout = BlockLayout(4)
     mask = layout.mask_from_blocks([2, 3, 4])
-    cm = _linear()
+    cm = linear_cost_model()
     inner = StaticPlanner(layout, cm, mask, 0.8, draft_length=3)
     inner.knobs = make_knobs([DraftHead(1000, coverage=0.9)], _table(), stop_confidence=0.5)
     planner = CalibratedPlanner(inner, cm, 4)

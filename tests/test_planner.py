@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_backend import linear_cost_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knapspec.blocks import BlockLayout, default_pinned, describe_mask
 from knapspec.costmodels import (
-    LinearCostModel,
     RooflineCostModel,
     get_hardware_spec,
     get_model_spec,
@@ -33,14 +33,6 @@ from knapspec.planner.fidelity import default_scores_for_spec
 
 alphas = st.floats(0.0, 1.0, allow_nan=False)
 lengths = st.integers(0, 32)
-
-
-def _linear(**kw) -> LinearCostModel:
-    base = dict(mlp_s=1e-3, attn_per_token_s=2e-7, attn_base_s=4e-4, head_s=2e-3,
-                overhead_s=5e-4, mlp_per_token_s=5e-5, attn_per_new_token_s=1e-5,
-                head_per_token_s=2e-4)
-    base.update(kw)
-    return LinearCostModel(**base)
 
 
 # ------------------------------------------------------------------ objective
@@ -101,7 +93,7 @@ masks_strategy = st.lists(st.lists(st.booleans(), min_size=8, max_size=8), min_s
 @settings(max_examples=60, deadline=None)
 @given(masks_strategy, st.data(), st.integers(1, 8000), st.integers(1, 10))
 def test_plan_never_predicted_slower_than_autoregressive(masks, data, ctx, dmax):
-    cm = _linear()
+    cm = linear_cost_model()
     arr = np.array(masks, dtype=bool).reshape(-1, 8)
     a = data.draw(st.lists(alphas, min_size=len(arr), max_size=len(arr)))
     plan = select_plan(arr, a, cm, ctx, dmax)
@@ -119,7 +111,7 @@ def test_plan_never_predicted_slower_than_autoregressive(masks, data, ctx, dmax)
 
 
 def test_plan_prefers_the_better_candidate():
-    cm = _linear()
+    cm = linear_cost_model()
     lay = BlockLayout(4)
     cheap = lay.mask_from_blocks([2, 3, 4, 5])
     slight = lay.mask_from_blocks([2, 3])
@@ -131,21 +123,21 @@ def test_plan_prefers_the_better_candidate():
 
 def test_zero_acceptance_gives_autoregressive():
     lay = BlockLayout(4)
-    plan = select_plan([lay.mask_from_blocks([2, 3])], [0.0], _linear(), 100, 8)
+    plan = select_plan([lay.mask_from_blocks([2, 3])], [0.0], linear_cost_model(), 100, 8)
     assert plan.is_autoregressive and plan.speedup == pytest.approx(1.0)
 
 
 def test_expensive_verification_makes_drafting_unprofitable():
     # verifying each extra token costs as much as a whole step: never worth drafting
-    cm = _linear(head_per_token_s=5e-3, mlp_per_token_s=1e-3, attn_per_new_token_s=4e-4,
-                 overhead_per_token_s=1e-3)
+    cm = linear_cost_model(head_per_token_s=5e-3, mlp_per_token_s=1e-3,
+                           attn_per_new_token_s=4e-4, overhead_per_token_s=1e-3)
     lay = BlockLayout(4)
     plan = select_plan([lay.mask_from_blocks([2, 3, 4, 5])], [0.9], cm, 100, 8)
     assert plan.is_autoregressive
 
 
 def test_switch_cost_amortised_over_remaining_tokens():
-    cm = _linear()
+    cm = linear_cost_model()
     lay = BlockLayout(4)
     mask = lay.mask_from_blocks([2, 3, 4, 5])
     free = select_plan([mask], [0.9], cm, 100, 4, remaining_tokens=10,
@@ -157,7 +149,7 @@ def test_switch_cost_amortised_over_remaining_tokens():
 
 
 def test_forced_static_plan():
-    cm = _linear()
+    cm = linear_cost_model()
     lay = BlockLayout(4)
     mask = lay.mask_from_blocks([2])
     plan = StaticPlanner(lay, cm, mask, alpha=0.0, draft_length=3).plan(PlanContext(100))
@@ -265,9 +257,9 @@ def test_long_context_skips_more_attention():
 def test_additive_planner_rejects_bad_scores():
     lay = BlockLayout(4)
     with pytest.raises(KnapSpecError, match="shape"):
-        AdditivePlanner(lay, _linear(), np.zeros(3))
+        AdditivePlanner(lay, linear_cost_model(), np.zeros(3))
     with pytest.raises(KnapSpecError, match="NaN"):
-        AdditivePlanner(lay, _linear(), np.full(8, np.nan))
+        AdditivePlanner(lay, linear_cost_model(), np.full(8, np.nan))
 
 
 def _llama_h100_planner(**kw) -> AdditivePlanner:
