@@ -46,7 +46,7 @@ from .errors import KnapSpecError
 from .planner.plan import DraftPlan
 from .planner.planners import PlanContext, Planner
 from .sampling import SamplingParams, select
-from .simulate import AcceptanceSimulator
+from .simulate import AcceptanceSimulator, RoundDraws
 from .stop_strings import StopStringScanner
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class _Loop:
     held: int = 0  # positions the backend's window holds, ending at the newest cached token
     capture_next: bool = False  # the rounds before the next plan capture
     stop_ids: frozenset[int] = frozenset()  # drafted ids that end drafting (EOS if it stops)
-    sim_rng: np.random.Generator | None = None  # the simulator's draws (None: lossless)
+    sim_draws: RoundDraws | None = None  # the simulator's per-generation draws (None: lossless)
     plan: DraftPlan | None = None  # the plan in use
     record: dict[str, Any] | None = None  # its plan_history entry (the latest one)
     replan: bool = False  # the planner asked for a plan before the next round (observe)
@@ -260,8 +260,8 @@ class SpeculativeDecoder:
         t1 = self.clock()
         be.rollback(p0)
         accept = None
-        if loop.sim_rng is not None and drafts:
-            accept = self.simulator.draw(plan.alpha, len(drafts), loop.sim_rng)
+        if loop.sim_draws is not None and drafts:
+            accept = self.simulator.draw(plan.alpha, len(drafts), loop.sim_draws)
         n, nxt = be.verify(last, drafts, q, sp, rng, capture=capture, accept=accept)
         be.rollback(p0 + n + 1)
         res.draft_seconds += t1 - t0
@@ -286,7 +286,7 @@ class SpeculativeDecoder:
             rec["accepted"] += accepted
             rec["rejected"] += int(accepted < drafted)
             rec["observed_alpha"] = rec["accepted"] / (rec["accepted"] + rec["rejected"])
-        if loop.sim_rng is not None:
+        if loop.sim_draws is not None:
             return
         loop.replan = bool(self.planner.observe(plan, drafted, accepted)) or loop.replan
         if rec is not None:
@@ -364,7 +364,7 @@ class SpeculativeDecoder:
         scan = StopStringScanner(be.decode, cfg.stop) if cfg.stop else None
         loop = _Loop(prompt, scan, has_oracle, window, min(window, cfg.replan_interval))
         loop.stop_ids = be.eos_token_ids if cfg.stop_at_eos else frozenset()
-        loop.sim_rng = None if self.simulator is None else self.simulator.generator()
+        loop.sim_draws = None if self.simulator is None else self.simulator.start()
         return loop
 
     def _flag_timing_only(self, res: GenerationResult) -> None:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from fake_backend import FakeBackend, fake_cost_model
+from law import assert_follows
 
 from knapspec.benchmarking import Prompt, benchmark, markdown_table, summarize, sweep
 from knapspec.decoding import GenerationConfig, SpeculativeDecoder
@@ -14,7 +15,12 @@ from knapspec.errors import KnapSpecError
 from knapspec.planner import AutoregressivePlanner, StaticPlanner
 from knapspec.planner.objective import expected_tokens
 from knapspec.sampling import SamplingParams
-from knapspec.simulate import AcceptanceSimulator, parse_simulate_acceptance
+from knapspec.simulate import (
+    GOLDEN,
+    AcceptanceSimulator,
+    accepted_count,
+    parse_simulate_acceptance,
+)
 
 
 def _static(be: FakeBackend, d: int, alpha: float = 0.5) -> StaticPlanner:
@@ -23,28 +29,39 @@ def _static(be: FakeBackend, d: int, alpha: float = 0.5) -> StaticPlanner:
 
 
 class SpyBackend(FakeBackend):
-    """Records the ``accept`` of every ``verify`` call with drafts."""
+    """Records the ``accept`` and the number of drafts of every ``verify`` call with drafts."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.accepts: list[int | None] = []
+        self.drafted: list[int] = []
 
     def verify(self, last, drafts, q, sampling, rng, *, capture=False, accept=None):
         if drafts:
             self.accepts.append(accept)
+            self.drafted.append(len(drafts))
         return super().verify(last, drafts, q, sampling, rng, capture=capture, accept=accept)
 
 
 # ------------------------------------------------------------------ the law
+def _law(alpha: float, d: int) -> np.ndarray:
+    """P(n = k), k = 0..d: the truncated geometric law of one round's accepted drafts."""
+    return np.array([alpha**k * (1 - alpha) for k in range(d)] + [alpha**d])
+
+
+@pytest.mark.parametrize("draws", ["iid", "qmc"])
 @pytest.mark.parametrize("alpha, d", [(0.6, 4), (0.3, 2), (0.9, 6)])
-def test_accepted_counts_follow_the_truncated_geometric_law(alpha, d):
+def test_accepted_counts_follow_the_truncated_geometric_law(alpha, d, draws):
+    """The rounds of one generation: their counts have the law (qmc: far closer than a
+    chi-square needs; the per-round law over seeds is checked below)."""
     scipy_stats = pytest.importorskip("scipy.stats")
-    sim = AcceptanceSimulator(str(alpha), alpha)
-    rng = sim.generator()
+    sim = AcceptanceSimulator(str(alpha), alpha, draws=draws)
+    state = sim.start()
     n = 20000
-    counts = np.bincount([sim.draw(0.0, d, rng) for _ in range(n)], minlength=d + 1)
+    counts = np.bincount([sim.draw(0.0, d, state) for _ in range(n)], minlength=d + 1)
+    assert state.rounds == n
     assert len(counts) == d + 1  # never more than drafted
-    exact = np.array([alpha**k * (1 - alpha) for k in range(d)] + [alpha**d])
+    exact = _law(alpha, d)
     assert exact.sum() == pytest.approx(1.0)
     stat, pval = scipy_stats.chisquare(counts, exact * n)
     assert pval > 1e-3, (counts, exact * n, stat, pval)
@@ -53,12 +70,96 @@ def test_accepted_counts_follow_the_truncated_geometric_law(alpha, d):
     assert mean == pytest.approx(expected_tokens(alpha, d) - 1, rel=0.03)
 
 
+@pytest.mark.parametrize("draws", ["iid", "qmc"])
 @pytest.mark.parametrize("alpha, want", [(1.0, 5), (0.0, 0)])
-def test_certain_acceptance_and_rejection(alpha, want):
-    sim = AcceptanceSimulator(str(alpha), alpha)
-    rng = sim.generator()
-    assert {sim.draw(0.5, 5, rng) for _ in range(200)} == {want}
-    assert sim.draw(0.5, 0, rng) == 0
+def test_certain_acceptance_and_rejection(alpha, want, draws):
+    sim = AcceptanceSimulator(str(alpha), alpha, draws=draws)
+    state = sim.start()
+    assert {sim.draw(0.5, 5, state) for _ in range(200)} == {want}
+    assert state.rounds == 200
+    assert sim.draw(0.5, 0, state) == 0 and sim.draw(0.5, -1, state) == 0
+    assert state.rounds == 200  # a round with nothing drafted draws nothing
+    # the edges of the inverse CDF itself, over the whole of [0, 1)
+    for u in (0.0, 1e-300, 0.5, np.nextafter(1.0, 0.0)):
+        assert accepted_count(u, alpha, 5) == want
+        assert accepted_count(u, alpha, 0) == 0
+
+
+@pytest.mark.parametrize("alpha, d", [(0.7, 4), (0.25, 3), (0.95, 8), (0.5, 1)])
+def test_the_inverse_cdf_gives_the_law_exactly(alpha, d):
+    """Over an even grid of u in [0, 1) the fraction with ``n >= k`` is ``alpha^k`` to within
+    one grid step: the mapping from one uniform to a count has exactly the law."""
+    m = 100_000
+    counts = np.array([accepted_count(i / m, alpha, d) for i in range(m)])
+    assert counts.min() >= 0 and counts.max() <= d
+    assert np.all(np.diff(counts) <= 0)  # non-increasing in u
+    for k in range(d + 1):
+        assert np.mean(counts >= k) == pytest.approx(alpha**k, abs=1.5 / m)
+
+
+@pytest.mark.parametrize("round_index", [0, 7, 33])
+def test_each_qmc_round_has_the_law_over_seeds(round_index):
+    """u_0 is drawn per generation from the seed, so over seeds the count at any fixed round
+    is exactly truncated geometric (pooled chi-square); the rounds are correlated, not the
+    law of any one of them."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    alpha, d, seeds = 0.7, 4, 4000
+    counts = np.zeros(d + 1)
+    for seed in range(seeds):
+        sim = AcceptanceSimulator("0.7", alpha, seed=seed)
+        state = sim.start()
+        for _ in range(round_index):
+            sim.draw(0.0, d, state)
+        counts[sim.draw(0.0, d, state)] += 1
+    assert_follows(scipy_stats, counts, _law(alpha, d))
+    with pytest.raises(AssertionError):  # the check can fail: a shifted law is refused
+        assert_follows(scipy_stats, counts, _law(0.62, d))
+
+
+def test_qmc_means_are_close_for_every_seed_and_iid_ones_are_not():
+    """N = 40 rounds at alpha 0.7, d 4 (the size of one sweep point): the mean accepted
+    count is within 0.16 of its expectation 1.7731 for each of 200 seeds with the qmc draws
+    (the worst u_0 gives 0.148), while independent draws (SD of the mean ~0.25) miss that
+    bound for a good part of the seeds."""
+    alpha, d, rounds, bound = 0.7, 4, 40, 0.16
+    want = expected_tokens(alpha, d) - 1
+    assert want == pytest.approx(1.7731)
+    errors = {}
+    for draws in ("qmc", "iid"):
+        errs = []
+        for seed in range(200):
+            sim = AcceptanceSimulator("0.7", alpha, seed=seed, draws=draws)
+            state = sim.start()
+            errs.append(abs(np.mean([sim.draw(0.0, d, state) for _ in range(rounds)]) - want))
+        errors[draws] = np.array(errs)
+    assert errors["qmc"].max() < bound
+    assert np.mean(errors["qmc"]) < 0.06
+    assert np.mean(errors["iid"] >= bound) > 0.3, np.mean(errors["iid"] >= bound)
+    assert np.mean(errors["iid"]) > 3 * np.mean(errors["qmc"])
+
+
+def test_qmc_rounds_are_the_rotated_golden_ratio_sequence():
+    sim = AcceptanceSimulator("0.6", 0.6, seed=5)
+    state = sim.start()
+    u0 = np.random.default_rng(5).random()
+    assert state.start == u0 and state.rounds == 0
+    got = [sim.draw(0.0, 3, state) for _ in range(50)]
+    assert got == [accepted_count((u0 + r * GOLDEN) % 1.0, 0.6, 3) for r in range(50)]
+    assert GOLDEN == pytest.approx(0.6180339887498949)
+    assert sim.start().start == u0  # every generation starts over from the seed
+    assert AcceptanceSimulator("0.6", 0.6, seed=6).start().start != u0
+
+
+def test_iid_draws_are_the_earlier_per_draft_ones():
+    """``iid``: each draft accepted by its own uniform from the seeded generator, in order."""
+    sim = AcceptanceSimulator("0.6", 0.6, seed=9, draws="iid")
+    state = sim.start()
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        want = 0
+        while want < 4 and rng.random() < 0.6:
+            want += 1
+        assert sim.draw(0.0, 4, state) == want
 
 
 def test_alpha_from_the_prediction_is_scaled_and_clipped():
@@ -77,8 +178,12 @@ def test_alpha_from_the_prediction_is_scaled_and_clipped():
 )
 def test_parse_simulate_acceptance(text, alpha, scale):
     sim = parse_simulate_acceptance(text, seed=3)
-    assert (sim.alpha, sim.scale, sim.seed) == (alpha, scale, 3)
-    assert sim.spec == text.strip().lower()
+    assert (sim.alpha, sim.scale, sim.seed, sim.draws) == (alpha, scale, 3, "qmc")
+    assert sim.spec == text.strip().lower() + ",qmc"  # the draw kind is always recorded
+    for kind in ("qmc", "iid"):
+        sim = parse_simulate_acceptance(f"{text}, {kind.upper()}", seed=3)
+        assert (sim.alpha, sim.scale, sim.seed, sim.draws) == (alpha, scale, 3, kind)
+        assert sim.spec == f"{text.strip().lower()},{kind}"
 
 
 @pytest.mark.parametrize(
@@ -88,7 +193,10 @@ def test_parse_simulate_acceptance(text, alpha, scale):
      ("0.9*predicted", "expected 'predicted'"), ("1.5", r"must lie in \[0, 1\]"),
      ("-0.1", r"must lie in \[0, 1\]"), ("nan", r"must lie in \[0, 1\]"),
      ("inf", r"must lie in \[0, 1\]"), ("-1xpredicted", "finite and >= 0"),
-     ("infxpredicted", "finite and >= 0"), ("nanxpredicted", "finite and >= 0")],
+     ("infxpredicted", "finite and >= 0"), ("nanxpredicted", "finite and >= 0"),
+     ("0.7,sobol", "'qmc' or 'iid'"), ("predicted,", "'qmc' or 'iid'"),
+     ("predicted,iid,qmc", "'qmc' or 'iid'"), (",iid", "expected 'predicted'"),
+     ("1.5,iid", r"must lie in \[0, 1\]")],
 )
 def test_parse_simulate_acceptance_errors(text, match):
     with pytest.raises(KnapSpecError, match=match) as e:
@@ -101,6 +209,8 @@ def test_simulator_refuses_bad_values():
         AcceptanceSimulator("x", alpha=1.5)
     with pytest.raises(KnapSpecError, match="scale"):
         AcceptanceSimulator("x", scale=-1.0)
+    with pytest.raises(KnapSpecError, match="'qmc' or 'iid'"):
+        AcceptanceSimulator("x", draws="sobol")
 
 
 # ------------------------------------------------------------------ the loop under it
@@ -142,9 +252,9 @@ def test_alpha_one_accepts_everything_drafted_and_zero_nothing(temperature):
     assert res.drafted > 0 and res.accepted == res.drafted
     assert res.rounds == 8 and res.mean_accepted_length == 5.0  # 1 + 8 rounds of 4 + 1
     assert be.cache == prompt + res.tokens[:-1]  # the kept drafts are cached, in order
-    assert res.timing_only and "simulated acceptance (1.0)" in res.timing_only_reason
+    assert res.timing_only and "simulated acceptance (1.0,qmc)" in res.timing_only_reason
     d = res.to_dict()
-    assert d["timing_only"] is True and d["simulated_acceptance"] == "1.0"
+    assert d["timing_only"] is True and d["simulated_acceptance"] == "1.0,qmc"
 
     sim = parse_simulate_acceptance("0")
     res = SpeculativeDecoder(be, _static(be, 4), simulator=sim).generate(prompt, cfg)
@@ -175,13 +285,14 @@ def test_without_a_simulator_verify_decides():
     assert res.rounds > 0 and be.accepts == [None] * res.rounds
 
 
-def test_a_seeded_simulated_run_is_reproducible():
+@pytest.mark.parametrize("draws", ["qmc", "iid"])
+def test_a_seeded_simulated_run_is_reproducible(draws):
     be = SpyBackend(vocab=24, n_layers=4)
     cfg = GenerationConfig(60, temperature=0.8, seed=11)
 
     def run(seed: int) -> tuple[list[int], list[int | None], int]:
         be.accepts = []
-        sim = parse_simulate_acceptance("0.6", seed=seed)
+        sim = parse_simulate_acceptance(f"0.6,{draws}", seed=seed)
         res = SpeculativeDecoder(be, _static(be, 4), simulator=sim).generate([1, 2, 3], cfg)
         return res.tokens, be.accepts, res.accepted
 
@@ -189,6 +300,24 @@ def test_a_seeded_simulated_run_is_reproducible():
     assert run(7) == first
     assert 0 < first[2] and len(set(first[1])) > 2  # the draws vary from round to round
     assert run(8)[1] != first[1]  # and follow the simulator's seed
+
+
+def test_the_loop_draws_one_qmc_uniform_per_round_in_order():
+    """One generation's rounds take u_0, u_1, ... in order (the state lives for the whole
+    generation, not a round), and the next generation starts over."""
+    be = SpyBackend(vocab=24, n_layers=4)
+    sim = parse_simulate_acceptance("predicted", seed=4)
+    dec = SpeculativeDecoder(be, _static(be, 4, alpha=0.7), simulator=sim)
+    res = dec.generate([1, 2, 3], GenerationConfig(120))
+    assert res.rounds == len(be.accepts) > 20
+    u0 = np.random.default_rng(4).random()
+    assert be.accepts == [accepted_count((u0 + r * GOLDEN) % 1.0, 0.7, n)
+                          for r, n in enumerate(be.drafted)]
+    assert res.accepted == sum(be.accepts)
+    first = list(be.accepts)
+    be.accepts, be.drafted = [], []
+    dec.generate([1, 2, 3], GenerationConfig(120))
+    assert be.accepts == first
 
 
 def test_a_backend_that_says_its_outputs_are_timing_only_flags_results():
@@ -202,7 +331,8 @@ def test_a_backend_that_says_its_outputs_are_timing_only_flags_results():
     sim = parse_simulate_acceptance("predicted")
     res = SpeculativeDecoder(be, _static(be, 2), simulator=sim).generate([1, 2],
                                                                          GenerationConfig(8))
-    assert res.timing_only_reason.startswith("random weights; simulated acceptance (predicted)")
+    assert res.timing_only_reason.startswith(
+        "random weights; simulated acceptance (predicted,qmc)")
 
 
 # ------------------------------------------------------------------ bench and sweep
@@ -218,8 +348,8 @@ def test_benchmark_rows_under_simulated_acceptance():
                      [], 21, 2, planner_factory=planners, simulator=sim)
     assert [r["strategy"] for r in rows] == ["ar", "fixed"]
     for r in rows:
-        assert r["timing_only"] is True and r["simulated_acceptance"] == "1.0"
-        assert "simulated acceptance (1.0)" in r["timing_only_reason"]
+        assert r["timing_only"] is True and r["simulated_acceptance"] == "1.0,qmc"
+        assert "simulated acceptance (1.0,qmc)" in r["timing_only_reason"]
         assert r["identical_to_ar"] is None  # simulated tokens claim nothing
     fixed = rows[1]
     assert fixed["acceptance_rate"] == 1.0 and fixed["mean_accepted_length"] == 4.0
@@ -237,7 +367,7 @@ def test_sweep_under_simulated_acceptance_predicts_at_the_simulated_alpha():
                    simulator=parse_simulate_acceptance("1.0"))
     assert len(points) == len(real) == 5
     for p, q in zip(points, real, strict=True):
-        assert p["timing_only"] and p["simulated_acceptance"] == "1.0"
+        assert p["timing_only"] and p["simulated_acceptance"] == "1.0,qmc"
         assert p["predicted_alpha"] == q["predicted_alpha"]  # what the model predicted
         if p["draft_length"]:
             assert p["simulated_alpha"] == 1.0 and p["measured_alpha"] == 1.0
@@ -263,15 +393,17 @@ def test_bench_cli_with_simulated_acceptance(monkeypatch, tmp_path, capsys):
             "--max-new-tokens", "10", "--simulate-acceptance", "0.9xpredicted"]
     assert main([*args, "--out", str(out), "--markdown", str(md)]) == 0
     result = json.loads(out.read_text())
-    assert result["simulated_acceptance"] == "0.9xpredicted" and result["timing_only"] is True
-    assert all(r["timing_only"] and r["simulated_acceptance"] == "0.9xpredicted"
+    assert result["simulated_acceptance"] == "0.9xpredicted,qmc"
+    assert result["timing_only"] is True
+    assert all(r["timing_only"] and r["simulated_acceptance"] == "0.9xpredicted,qmc"
                for r in result["rows"])
     assert "timing-only" in capsys.readouterr().out and "timing-only" in md.read_text()
     # the forced-plan sweep takes it too
     assert main(["bench", "--sweep", "--context-tokens", "19", "--max-new-tokens", "6",
-                 "--simulate-acceptance", "0.5", "--out", str(out)]) == 0
+                 "--simulate-acceptance", "0.5,iid", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert all(p["timing_only"] for p in result["points"])
+    assert {p["simulated_acceptance"] for p in result["points"]} == {"0.5,iid"}
     assert {p["simulated_alpha"] for p in result["points"] if p["draft_length"]} == {0.5}
     assert "timing-only" in capsys.readouterr().out
 
