@@ -316,7 +316,8 @@ def test_prepacked_weights_are_what_runs(packed, monkeypatch):
     assert d["prepack"] == "on" and d["prepacked_weights"] == n_weights
     assert d["prepacked_mib"] > 0
     for w in packed._linear_weights():
-        assert prepack._PACKED[w.data_ptr()].step  # registered: the op takes oneDNN's kernel
+        # registered: the op takes oneDNN's kernel
+        assert prepack._PACKED[w.data_ptr()].step == "onednn"
     # the compiled graphs call the op, and the op the packed kernel, for every weight
     calls = []
     kernel = prepack._packed_linear
@@ -369,8 +370,11 @@ def test_prepack_measures_and_releases():
     shapes = {f"{w.shape[0]}x{w.shape[1]} float32" for w in be._linear_weights()}
     assert set(d["prepack_decisions"]) == shapes
     for c in d["prepack_decisions"].values():
-        assert isinstance(c["step"], bool) and isinstance(c["prefill"], bool)
-        assert len(c["step_ms"]) == 2 and min(c["step_ms"]) > 0
+        # every kernel that applies is timed, and the range gets the fastest
+        assert set(c["step_ms"]) == set(prepack.KERNELS) and min(c["step_ms"].values()) > 0
+        assert c["step"] == min(c["step_ms"], key=c["step_ms"].get)
+        assert set(c["prefill_ms"]) == {"dense", "onednn"}
+        assert c["prefill"] == min(c["prefill_ms"], key=c["prefill_ms"].get)
     other = TorchCompileBackend.from_hf(model, prepack="on")
     keys = set(other._packed.keys) | set(be._packed.keys)
     assert len(other._packed.keys) == 7 * N_LAYERS + 1
@@ -400,14 +404,82 @@ def test_prepacked_speculative_equals_own_autoregressive(packed):
     assert cached_graphs() == graphs and compile_counters() == before
 
 
+@pytest.fixture(scope="module")
+def numba_linear():
+    """The compiled backend with every float32 linear weight's decoding-sized calls (M <= 16)
+    through the numba small-M kernel (``numba``: no measurement), over its own copy of the
+    tiny model."""
+    return TorchCompileBackend.from_hf(tiny_model("qwen3", seed=5), DigitTokenizer(),
+                                       prepack="numba")
+
+
+@needs_onednn
+def test_numba_kernel_is_what_runs_and_matches_eager(numba_linear, monkeypatch):
+    be = numba_linear
+    d = be.describe()
+    assert d["prepack"] == "numba" and d["prepacked_weights"] == 7 * N_LAYERS + 1
+    assert all(c["step"] == "numba" for c in d["prepack_decisions"].values())
+    for w in be._linear_weights():
+        entry = prepack._PACKED[w.data_ptr()]
+        assert entry.step == "numba" and entry.dense is not None
+    calls = []
+    kernel = prepack._numba_linear
+    monkeypatch.setattr(prepack, "_numba_linear", lambda *a: calls.append(a[1]) or kernel(*a))
+    eager = TorchEagerBackend.from_hf(be.model)
+    ids = make_ids(12, seed=22)  # a prompt of 12 tokens: M = 12 <= 16, the step range
+    for b in (be, eager):
+        b.reset()
+    np.testing.assert_allclose(be.forward(ids), eager.forward(ids), atol=1e-4, rtol=0)
+    assert len(calls) == 7 * N_LAYERS + 1  # every weight went through the numba kernel
+    calls.clear()
+    mask = skip_mask(2, 5)
+    np.testing.assert_allclose(be.forward(ids[:1], mask), eager.forward(ids[:1], mask),
+                               atol=1e-4, rtol=0)
+    assert len(calls) == 7 * (N_LAYERS - 1) + 1  # a skipped block runs no weight
+
+
+@needs_onednn
+def test_numba_verification_rows_are_the_one_step_rows(numba_linear):
+    """With the numba kernel every linear is batch-invariant, so the logits of k verified
+    tokens equal, bit for bit, those of the same tokens fed one at a time (the attention
+    and norms are per row too)."""
+    be = numba_linear
+    ids = make_ids(20, seed=23)
+    be.reset()
+    be.prefill(ids[:10])
+    batched = be.forward(ids[10:15])  # [5, V]
+    be.rollback(10)
+    single = np.concatenate([be.forward([t]) for t in ids[10:15]])
+    np.testing.assert_allclose(batched, single, atol=2e-5, rtol=0)
+    assert np.array_equal(batched.argmax(-1), single.argmax(-1))
+
+
+@needs_onednn
+def test_numba_speculative_equals_own_autoregressive(numba_linear):
+    from test_torch_device import autoregressive, speculative_greedy
+
+    be = numba_linear
+    before, graphs = compile_counters(), cached_graphs()
+    prompt = make_ids(30, seed=14)
+    ref = autoregressive(be, prompt, 40)
+    masks = [skip_mask(2, 5), skip_mask(3), skip_mask(2, 4)]
+    for d in (1, 4):
+        out, accepted = speculative_greedy(be, prompt, masks, d, 40)
+        assert out == ref and sum(accepted) > 0
+    assert cached_graphs() == graphs and compile_counters() == before
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.fixture(scope="module")
-def smol_compiled(smollm2):
-    """Every weight prepacked (``on``), so the slow tests check oneDNN's kernels whatever
-    this CPU's timings decide under ``auto``."""
-    return TorchCompileBackend(smollm2, prepack="on")
+@pytest.fixture(scope="module", params=["on", "numba"])
+def smol_compiled(smollm2, request):
+    """Every weight through oneDNN's prepacked kernel (``on``), then every decoding-sized
+    call through the numba kernel (``numba``), so the slow tests check both kernels
+    whatever this CPU's timings decide under ``auto``."""
+    be = TorchCompileBackend(smollm2, prepack=request.param)
+    yield be
+    be._packed.release()  # the next kernel registers the same weights afresh
 
 
 @pytest.mark.slow

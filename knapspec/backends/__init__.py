@@ -79,8 +79,10 @@ BACKENDS: dict[str, BackendEntry] = {
                           ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs")),
             BackendOption("prepack", str, "auto",
-                          "CPU: hold linear weights prepacked for oneDNN (auto: the shapes "
-                          "measured faster so at setup)", ("auto", "on", "off")),
+                          "CPU: each linear weight's small-M kernel (auto: the fastest of "
+                          "F.linear, oneDNN-prepacked and numba, measured per shape at setup; "
+                          "on: oneDNN; numba: the numba kernel; off: F.linear)",
+                          ("auto", "on", "numba", "off")),
             BackendOption("static_steps", str, "auto",
                           "fixed-shape decode/draft/verify steps captured as CUDA graphs "
                           "(auto: on CUDA only)", ("auto", "on", "off")),

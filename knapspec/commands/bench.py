@@ -71,7 +71,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--simulate-acceptance", metavar="SPEC", default=None,
                    help="timing only: run everything for real but draw each round's accepted "
                    "drafts at the plan's predicted acceptance ('predicted'), a fixed one "
-                   "('0.7') or the prediction scaled ('0.9xpredicted'); seeded by "
+                   "('0.7') or the prediction scaled ('0.9xpredicted'); a suffix ',qmc' "
+                   "(default: each round's count from a rotated golden-ratio sequence, "
+                   "low variance) or ',iid' (independent draws) picks the draws; seeded by "
                    "generation.seed (default 0); results are flagged timing-only")
     p.add_argument("--out", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", metavar="FILE", default=None, help="write the table as markdown")

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-PREPACK_MODES = ("auto", "on", "off")
+PREPACK_MODES = prepack.MODES
 STATIC_MODES = ("auto", "on", "off")
 #: with explicit CUDA graphs (static steps on CUDA), inductor must not add its own
 GRAPH_FREE_MODE = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -163,9 +163,11 @@ class TorchCompileBackend(TorchEagerBackend):
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
             ``max-autotune``, ``max-autotune-no-cudagraphs``; on CPU the CUDA-graph part of
             ``reduce-overhead`` does not apply).
-        prepack: CPU only: ``"auto"`` (default) holds every linear weight whose shape runs
-            faster that way (measured at setup, see ``prepack``) prepacked for oneDNN;
-            ``"on"`` packs all without measuring, ``"off"`` none.  Ignored off the CPU.
+        prepack: CPU only, each linear weight's kernel (see ``prepack``): ``"auto"``
+            (default) the fastest of ``F.linear``, oneDNN-prepacked and the numba small-M
+            kernel, measured per weight shape at setup; ``"on"`` oneDNN for all without
+            measuring, ``"numba"`` the numba kernel for decoding-sized calls, ``"off"``
+            ``F.linear``.  Ignored off the CPU.
         static_steps: ``"auto"`` (default: on CUDA only), ``"on"`` or ``"off"``: decoding,
             draft and verification steps of up to ``static.MAX_STATIC_TOKENS`` tokens run as
             static-shape steps over the whole cache (``static``), captured as CUDA graphs on

@@ -1,4 +1,4 @@
-"""Linear weights prepacked for oneDNN on the CPU, chosen per weight shape by a measurement.
+"""The CPU kernel of each linear weight, chosen per weight shape by a measurement.
 
 Why: on the CPU, ``F.linear`` goes through MKL's ``sgemm``, whose cost at small token counts
 ``M`` grows far faster than the bytes it reads (issue 10, 1536x8960 fp32, M=1/2/4/8:
@@ -6,30 +6,38 @@ Why: on the CPU, ``F.linear`` goes through MKL's ``sgemm``, whose cost at small 
 oneDNN).  Verification of ``k`` drafts runs every weight at ``M = k + 1``, so this is the
 difference between a verification that costs about one step and one that costs 2-3.
 
+Kernels (``KERNELS``):
+
+* ``dense``: ``F.linear`` (MKL);
+* ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` on a copy of the weight reordered once
+  for oneDNN (what inductor's CPU freezing does);
+* ``numba``: ``small_m.linear``, a numba kernel that reads the dense weight once per call
+  and computes the ``M`` dot products of each of its rows (float32, ``M <= 16`` only; no
+  extra memory; bit-identical rows across ``M``).
+
 How: the ``torch-compile`` backend's block functions call ``linear`` (``torch.ops.knapspec.
 linear``, a custom op, so ``torch.compile`` keeps it opaque in its graphs) instead of
 ``F.linear``.  The op looks its weight up in ``_PACKED`` (keyed by the weight's data pointer,
 the entry holding the weight itself so the address cannot be reused while it is registered)
-and runs ``torch.ops.mkldnn._linear_pointwise`` on the prepacked copy when one is
-registered for that token range, else plain ``F.linear``.  The graphs never depend on the
-decision, so a different decision never recompiles.
+and runs the kernel registered for that token range, else plain ``F.linear``.  The graphs
+never depend on the decision, so a different decision never recompiles.
 
 Decision (``PackedLinears.prepack``): once per distinct weight shape and dtype, at backend
 setup, the minimum over a few runs (the minimum, not the median: it estimates the kernel's
-own cost on a shared CPU) of ``F.linear`` and of the prepacked kernel on random inputs, for
-two token ranges:
+own cost on a shared CPU) of each candidate kernel on random inputs, for two token ranges:
 
 * ``step`` (``M <= STEP_MAX_TOKENS``: decoding, drafting, verification), measured at
   ``M = 1`` plus ``M = 5`` (one step and a typical verification): ONE kernel for the whole
-  range, so a verified row and the same row run alone go through the same kernel (neither
-  MKL nor oneDNN is bit-identical across ``M`` in float32; with one kernel the differences
-  are the kernel's own rounding, measured in the tests to leave the argmax unchanged);
-* ``prefill`` (larger ``M``: prompt chunks), measured at ``M = PREFILL_PROBE_TOKENS``.
+  range, so a verified row and the same row run alone go through the same kernel (MKL and
+  oneDNN are not bit-identical across ``M`` in float32: their differences, measured in the
+  tests, leave the argmax unchanged; the numba kernel is bit-identical);
+* ``prefill`` (larger ``M``: prompt chunks), measured at ``M = PREFILL_PROBE_TOKENS``
+  (``dense`` or ``onednn``).
 
-The decisions, their timings and the extra memory (the dense weights stay: the block
-oracle uses them) are logged and returned for ``describe()``.  Nothing is cached on disk.
-A reduced-vocabulary draft head's weight (its own ``[K, D]`` copy of the head's rows) is
-registered the same way when the backend first uses it, with its own shape's decision,
+The decisions, their timings and the extra memory (oneDNN's copies; the dense weights stay:
+the block oracle uses them) are logged and returned for ``describe()``.  Nothing is cached on
+disk.  A reduced-vocabulary draft head's weight (its own ``[K, D]`` copy of the head's rows)
+is registered the same way when the backend first uses it, with its own shape's decision,
 so a reduced draft step and a full one both run through ``linear``.
 """
 
@@ -43,8 +51,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import small_m
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,10 @@ PREFILL_PROBE_TOKENS = 128
 PROBE_REPEATS = 5
 #: dtypes oneDNN's packed linear accepts here
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+#: the kernels a range can be given (see the module docstring)
+KERNELS = ("dense", "onednn", "numba")
+#: what each ``backend.prepack`` mode does (``auto``: measure every kernel that applies)
+MODES = ("auto", "on", "numba", "off")
 
 
 @dataclass
@@ -63,10 +78,11 @@ class _Entry:
     """One registered weight."""
 
     weight: torch.Tensor  # [N, K] the dense weight (kept alive: its address is the key)
-    packed: torch.Tensor  # oneDNN-layout copy of ``weight`` (an opaque mkldnn tensor)
-    step: bool  # use ``packed`` for M <= STEP_MAX_TOKENS
-    prefill: bool  # use ``packed`` for larger M
+    packed: torch.Tensor | None  # oneDNN-layout copy of ``weight``, when a range uses it
+    step: str  # kernel for M <= STEP_MAX_TOKENS (one of KERNELS)
+    prefill: str  # kernel for larger M ("dense" or "onednn")
     owners: int = 1  # backends that registered this weight (tied weights, shared models)
+    dense: np.ndarray | None = None  # [N, K] a NumPy view of ``weight`` (the numba kernel's)
 
 
 _PACKED: dict[int, _Entry] = {}
@@ -86,12 +102,27 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None
     return y.view(*lead, y.shape[-1])
 
 
+def _numba_linear(x: torch.Tensor, w: np.ndarray, b: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] float32 on the CPU times ``w`` [N, K] (a NumPy view of the dense weight)
+    through ``small_m.linear`` -> [..., N], in torch's thread count."""
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+    y = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32)  # [M, N]
+    small_m.linear(x2.numpy(), w, y.numpy(), threads=torch.get_num_threads())
+    if b is not None:
+        y += b
+    return y.view(*lead, w.shape[0])
+
+
 def _linear_impl(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     entry = _PACKED.get(w.data_ptr()) if x.device.type == "cpu" else None
     if entry is not None and entry.weight.shape == w.shape:
         m = x.numel() // max(int(x.shape[-1]), 1)  # token rows
-        if entry.step if m <= STEP_MAX_TOKENS else entry.prefill:
+        kernel = entry.step if m <= STEP_MAX_TOKENS else entry.prefill
+        if kernel == "onednn" and entry.packed is not None:
             return _packed_linear(x.contiguous(), entry.packed, b)
+        if kernel == "numba" and entry.dense is not None and x.dtype == torch.float32:
+            return _numba_linear(x, entry.dense, b)
     return F.linear(x, w, b)
 
 
@@ -120,12 +151,12 @@ def _register() -> torch.library.Library | None:
 _LIB = _register()  # kept: the registration lives as long as the Library object
 
 
-#: ``F.linear`` with prepacked weights where registered: x [..., K], w [N, K], b [N] -> [..., N]
+#: ``F.linear`` through the registered kernels: x [..., K], w [N, K], b [N] -> [..., N]
 linear = torch.ops.knapspec.linear.default
 
 
 def _min_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up (oneDNN creates its primitive on the first call)
+    fn()  # warm-up (oneDNN creates its primitive, numba loads or compiles its kernel)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -134,39 +165,62 @@ def _min_seconds(fn: Any, repeats: int) -> float:
     return best
 
 
+def _numba_ok(w: torch.Tensor) -> bool:
+    return w.dtype == torch.float32 and w.is_contiguous() and small_m.available()
+
+
+def measure_kernels(
+    w: torch.Tensor, packed: torch.Tensor | None, tokens: Iterable[int],
+    kernels: Iterable[str], repeats: int = PROBE_REPEATS,
+) -> dict[str, float]:
+    """Summed minimum seconds of each of ``kernels`` (names in ``KERNELS``) on ``w``
+    [N, K] over random inputs of each token count in ``tokens``."""
+    gen = torch.Generator().manual_seed(0)
+    dense_np = w.detach().numpy() if "numba" in kernels else None
+    run = {
+        "dense": lambda x: F.linear(x, w),
+        "onednn": lambda x: _packed_linear(x, packed, None),
+        "numba": lambda x: _numba_linear(x, dense_np, None),
+    }
+    out = dict.fromkeys(kernels, 0.0)
+    with torch.inference_mode():
+        for m in tokens:
+            x = torch.randn(m, w.shape[1], generator=gen).to(w.dtype)
+            for k in out:
+                out[k] += _min_seconds(lambda k=k, x=x: run[k](x), repeats)
+    return out
+
+
 def measure_shape(
     w: torch.Tensor, packed: torch.Tensor, tokens: Iterable[int], repeats: int = PROBE_REPEATS
 ) -> tuple[float, float]:
     """Summed minimum seconds of ``F.linear`` and of the packed kernel on ``w`` [N, K] over
     random inputs of each token count in ``tokens``."""
-    gen = torch.Generator().manual_seed(0)
-    dense = packed_s = 0.0
-    with torch.inference_mode():
-        for m in tokens:
-            x = torch.randn(m, w.shape[1], generator=gen).to(w.dtype)
-            dense += _min_seconds(lambda x=x: F.linear(x, w), repeats)
-            packed_s += _min_seconds(lambda x=x: _packed_linear(x, packed, None), repeats)
-    return dense, packed_s
+    t = measure_kernels(w, packed, tokens, ("dense", "onednn"), repeats)
+    return t["dense"], t["onednn"]
 
 
 @dataclass
 class PackedLinears:
     """The weights one backend registered, and why (unregistered when the owner dies).
 
-    ``decisions`` maps ``"NxK dtype"`` to ``{"step": bool, "prefill": bool, "step_ms":
-    [dense, packed], "prefill_ms": [dense, packed]}`` (milliseconds, the decision's timings).
+    ``decisions`` maps ``"NxK dtype"`` to ``{"step": kernel, "prefill": kernel, "step_ms":
+    {kernel: ms}, "prefill_ms": {kernel: ms}}`` (kernels from ``KERNELS``; milliseconds,
+    the decision's timings).
     """
 
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # per weight shape
     keys: list[int] = field(default_factory=list)  # data pointers registered in _PACKED
-    nbytes: int = 0  # bytes of the packed copies (the dense weights stay)
+    nbytes: int = 0  # bytes of the oneDNN copies (the dense weights stay)
     setup_seconds: float = 0.0  # spent measuring and packing (every ``prepack`` call)
 
     def prepack(self, weights: Iterable[torch.Tensor], mode: str = "auto") -> None:
-        """Pack every 2-D CPU weight of a packable dtype where it is faster.
+        """Give every 2-D CPU weight of a packable dtype the kernels that are faster for it.
 
         ``mode``: ``"auto"`` measures each distinct shape (see the module docstring),
-        ``"on"`` packs every weight for both ranges without measuring, ``"off"`` packs none.
+        ``"on"`` packs every weight for oneDNN in both ranges without measuring,
+        ``"numba"`` runs the step range of every float32 weight through the numba kernel
+        (oneDNN for prefill) without measuring, ``"off"`` registers none.
         """
         if mode == "off" or not available():
             return
@@ -196,36 +250,47 @@ class PackedLinears:
                     choice = self.decisions[shape] = self._decide(w, packed, mode)
             except RuntimeError as exc:
                 log.info("prepack %s: not packed, oneDNN refused it (%s)", shape, exc)
-                self.decisions[shape] = {"step": False, "prefill": False, "error": str(exc)}
+                self.decisions[shape] = {"step": "dense", "prefill": "dense",
+                                         "error": str(exc)}
                 continue
-            if not (choice["step"] or choice["prefill"]):
+            if choice["step"] == "dense" and choice["prefill"] == "dense":
                 continue
-            _PACKED[key] = _Entry(w, packed, choice["step"], choice["prefill"])
+            uses_onednn = "onednn" in (choice["step"], choice["prefill"])
+            _PACKED[key] = _Entry(
+                w, packed if uses_onednn else None, choice["step"], choice["prefill"],
+                dense=w.detach().numpy() if choice["step"] == "numba" else None,
+            )
             self.keys.append(key)
-            self.nbytes += w.numel() * w.element_size()
+            if uses_onednn:
+                self.nbytes += w.numel() * w.element_size()
         self.setup_seconds += time.perf_counter() - t0
         for shape, c in self.decisions.items():
             log.info(
-                "prepack %s: step (M<=%d) %s [%s ms dense/packed], prefill %s [%s ms]",
-                shape, STEP_MAX_TOKENS, "oneDNN" if c["step"] else "F.linear",
-                c.get("step_ms"), "oneDNN" if c["prefill"] else "F.linear", c.get("prefill_ms"),
+                "prepack %s: step (M<=%d) %s [%s ms], prefill %s [%s ms]",
+                shape, STEP_MAX_TOKENS, c["step"], c.get("step_ms"), c["prefill"],
+                c.get("prefill_ms"),
             )  # fmt: skip
         log.info(
-            "prepack: %d weights packed (%.0f MiB extra), %.1f s", len(self.keys),
+            "prepack: %d weights registered (%.0f MiB extra), %.1f s", len(self.keys),
             self.nbytes / 2**20, self.setup_seconds,
         )  # fmt: skip
 
     @staticmethod
     def _decide(w: torch.Tensor, packed: torch.Tensor, mode: str) -> dict[str, Any]:
-        if mode == "on":
-            return {"step": True, "prefill": True}
-        step = measure_shape(w, packed, (1, 5))
-        prefill = measure_shape(w, packed, (PREFILL_PROBE_TOKENS,), repeats=2)
+        numba_ok = _numba_ok(w)
+        if mode == "on" or (mode == "numba" and not numba_ok):
+            return {"step": "onednn", "prefill": "onednn"}
+        if mode == "numba":
+            return {"step": "numba", "prefill": "onednn"}
+        step = measure_kernels(w, packed, (1, 5),
+                               ("dense", "onednn", "numba") if numba_ok else ("dense", "onednn"))
+        prefill = measure_kernels(w, packed, (PREFILL_PROBE_TOKENS,), ("dense", "onednn"),
+                                  repeats=2)
         return {
-            "step": step[1] < step[0],
-            "prefill": prefill[1] < prefill[0],
-            "step_ms": [round(s * 1e3, 3) for s in step],
-            "prefill_ms": [round(s * 1e3, 3) for s in prefill],
+            "step": min(step, key=step.__getitem__),
+            "prefill": min(prefill, key=prefill.__getitem__),
+            "step_ms": {k: round(s * 1e3, 3) for k, s in step.items()},
+            "prefill_ms": {k: round(s * 1e3, 3) for k, s in prefill.items()},
         }
 
     def release(self) -> None:
