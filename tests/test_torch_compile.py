@@ -387,6 +387,42 @@ def test_prepack_measures_and_releases():
 
 
 @needs_onednn
+def test_auto_keeps_the_kernel_policy_fastest_on_whole_steps(monkeypatch):
+    """``auto`` times whole steps under each kernel policy (two thread pools cost more
+    together than apart), keeps the fastest, then holds only what that policy runs."""
+    timed = []
+    real = TorchCompileBackend._choose_kernels
+
+    def spy(self, repeats=2):
+        timed.append(self._packed.policies())
+        return real(self, repeats)
+
+    monkeypatch.setattr(TorchCompileBackend, "_choose_kernels", spy)
+    be = TorchCompileBackend.from_hf(tiny_model("qwen3", seed=8), prepack="auto")
+    d = be.describe()
+    options = timed[0]
+    assert set(options) == {"per-shape", "torch", "numba"}
+    assert set(options["numba"].values()) == {"numba"}  # float32: every weight takes it
+    assert set(options["torch"].values()) <= {"dense", "onednn"}
+    policy, ms = d["kernel_policy"], d["kernel_policy_ms"]
+    assert policy == min(ms, key=ms.get) and set(ms) == set(options)
+    held = 0
+    for key, kernel in options[policy].items():
+        entry = prepack._PACKED[key]
+        assert entry.step == kernel
+        assert (entry.dense is not None) == (kernel == "numba")  # nothing else kept
+        assert (entry.packed is not None) == ("onednn" in (kernel, entry.prefill))
+        held += 0 if entry.packed is None else entry.weight.numel() * 4
+    assert d["prepacked_mib"] == round(held / 2**20, 1)
+    # the model's own steps run the chosen kernels, and decode as eager does
+    eager = TorchEagerBackend.from_hf(be.model)
+    ids = make_ids(9, seed=24)
+    for b in (be, eager):
+        b.reset()
+    np.testing.assert_allclose(be.forward(ids), eager.forward(ids), atol=1e-4, rtol=0)
+
+
+@needs_onednn
 def test_prepacked_speculative_equals_own_autoregressive(packed):
     from test_torch_device import autoregressive, speculative_greedy
 

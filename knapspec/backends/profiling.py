@@ -70,7 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8)
+#: tokens per forward call the profiler times: every verification of d = 1..5 drafts
+#: (M = d + 1) is measured, not interpolated (small-M kernels are far from linear in M)
+DEFAULT_TOKEN_COUNTS = (1, 2, 3, 4, 5, 6, 8)
 DEFAULT_REPEATS = 5
 #: Shortest window (seconds) over which the load of other work is judged.
 LOAD_WINDOW_S = 1.0

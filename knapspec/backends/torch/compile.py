@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PREPACK_MODES = prepack.MODES
+#: ``prepack="auto"``: interleaved rounds of whole steps per kernel policy, and the cached
+#: context (tokens) they run over (``_choose_kernels``)
+KERNEL_POLICY_REPEATS = 5
+KERNEL_POLICY_CONTEXT = 256
 STATIC_MODES = ("auto", "on", "off")
 #: with explicit CUDA graphs (static steps on CUDA), inductor must not add its own
 GRAPH_FREE_MODE = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -267,6 +272,44 @@ class TorchCompileBackend(TorchEagerBackend):
         self.warmup_cache: dict[str, int] = {}
         self._graphs_after_warmup = 0
         self.warmup()
+        if self._linear is not None and packing == "auto":
+            self._choose_kernels()
+
+    def _choose_kernels(self, repeats: int = KERNEL_POLICY_REPEATS) -> None:
+        """``prepack="auto"``: time whole steps (one token, then five: a decoding step and
+        the verification of four drafts, over a short cached context) under each of the
+        registry's kernel policies (``PackedLinears.policies``), interleaved, and keep the
+        fastest by the median of their sum.  Uses the KV cache as scratch (reset after)."""
+        options = self._packed.policies()
+        if len({tuple(sorted(p.items())) for p in options.values()}) < 2:
+            self._packed.choose(next(iter(options), "per-shape"))
+            return
+        n_embed = int(self.embed_w.shape[0])
+        ctx = max(0, min(KERNEL_POLICY_CONTEXT, self.max_context - 8))
+        tok = [i % n_embed for i in range(1, ctx + 8)]
+        runs: dict[str, list[float]] = {name: [] for name in options}
+        try:
+            self.reset()
+            if ctx:
+                self.forward(tok[:ctx], None, all_logits=False)
+            for _ in range(repeats + 1):  # the first round warms each policy up
+                for name, policy in options.items():
+                    self._packed.apply(policy)
+                    seconds = 0.0
+                    for n in (1, 5):
+                        self.rollback(ctx)
+                        t0 = time.perf_counter()
+                        self.forward(tok[ctx : ctx + n], None)
+                        seconds += time.perf_counter() - t0
+                    runs[name].append(seconds)
+        finally:
+            self.reset()
+            with torch.inference_mode():  # leave no scratch K/V behind
+                self.k_cache[:, :, : len(tok)].zero_()
+                self.v_cache[:, :, : len(tok)].zero_()
+        medians = {name: 1e3 * statistics.median(r[1:]) for name, r in runs.items()}
+        self._packed.choose(min(medians, key=medians.__getitem__),
+                            {k: round(v, 2) for k, v in medians.items()})
 
     def _linear_weights(self) -> list[torch.Tensor]:
         """Every weight the forward multiplies by: per layer q, k, v, o, gate, up, down,

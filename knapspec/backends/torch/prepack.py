@@ -165,6 +165,11 @@ def _min_seconds(fn: Any, repeats: int) -> float:
     return best
 
 
+def _shape_key(w: torch.Tensor) -> str:
+    """``"NxK dtype"``, the key of a weight shape's decision."""
+    return f"{w.shape[0]}x{w.shape[1]} {str(w.dtype).removeprefix('torch.')}"
+
+
 def _numba_ok(w: torch.Tensor) -> bool:
     return w.dtype == torch.float32 and w.is_contiguous() and small_m.available()
 
@@ -213,6 +218,8 @@ class PackedLinears:
     keys: list[int] = field(default_factory=list)  # data pointers registered in _PACKED
     nbytes: int = 0  # bytes of the oneDNN copies (the dense weights stay)
     setup_seconds: float = 0.0  # spent measuring and packing (every ``prepack`` call)
+    policy: str | None = None  # the whole-step policy chosen (``choose``), None: per shape
+    policy_ms: dict[str, float] = field(default_factory=dict)  # its timings, per policy
 
     def prepack(self, weights: Iterable[torch.Tensor], mode: str = "auto") -> None:
         """Give every 2-D CPU weight of a packable dtype the kernels that are faster for it.
@@ -231,7 +238,7 @@ class PackedLinears:
             key = w.data_ptr()
             if key in self.keys:
                 continue  # tied weight, already registered by this owner
-            shape = f"{w.shape[0]}x{w.shape[1]} {str(w.dtype).removeprefix('torch.')}"
+            shape = _shape_key(w)
             shared = _PACKED.get(key)
             if shared is not None and shared.weight.shape == w.shape:
                 # another backend over the same model registered it: share its decision
@@ -253,16 +260,19 @@ class PackedLinears:
                 self.decisions[shape] = {"step": "dense", "prefill": "dense",
                                          "error": str(exc)}
                 continue
-            if choice["step"] == "dense" and choice["prefill"] == "dense":
+            # under ``auto`` a numba-capable weight keeps every kernel at hand until
+            # ``choose_policy`` has timed whole steps (see there)
+            keep_all = mode == "auto" and _numba_ok(w)
+            if choice["step"] == "dense" and choice["prefill"] == "dense" and not keep_all:
                 continue
-            uses_onednn = "onednn" in (choice["step"], choice["prefill"])
             _PACKED[key] = _Entry(
-                w, packed if uses_onednn else None, choice["step"], choice["prefill"],
-                dense=w.detach().numpy() if choice["step"] == "numba" else None,
+                w, packed, choice["step"], choice["prefill"],
+                dense=w.detach().numpy() if keep_all or choice["step"] == "numba" else None,
             )
             self.keys.append(key)
-            if uses_onednn:
-                self.nbytes += w.numel() * w.element_size()
+        if self.policy is not None:  # weights registered later follow the chosen policy
+            self.apply(self.policies().get(self.policy, {}))
+        self.trim(keep_alternatives=mode == "auto" and self.policy is None)
         self.setup_seconds += time.perf_counter() - t0
         for shape, c in self.decisions.items():
             log.info(
@@ -293,6 +303,66 @@ class PackedLinears:
             "prefill_ms": {k: round(s * 1e3, 3) for k, s in prefill.items()},
         }
 
+    # ------------------------------------------------------------------ whole-step policy
+    def policies(self) -> dict[str, dict[int, str]]:
+        """Step-range kernel assignments worth timing on whole steps: ``{name: {key:
+        kernel}}`` over this owner's weights (empty when there is no choice to make).
+
+        * ``per-shape``: each shape's own fastest kernel (the ``auto`` decisions);
+        * ``torch``: each shape's fastest of ``dense`` and ``onednn`` (torch's thread pool);
+        * ``numba``: the numba kernel for every weight that takes it.
+
+        Why whole steps: numba's and torch's thread pools are two OpenMP runtimes (numba's
+        and torch's own ``libgomp``), and a pool's threads spin for a while after each
+        parallel region; a forward that alternates between them pays for it on a 2-core
+        CPU, a cost no per-shape measurement sees.
+        """
+        entries = {k: _PACKED[k] for k in self.keys if k in _PACKED}
+        if not any(e.dense is not None and e.packed is not None for e in entries.values()):
+            return {}
+        out: dict[str, dict[int, str]] = {"per-shape": {}, "torch": {}, "numba": {}}
+        for k, e in entries.items():
+            c = self.decisions.get(_shape_key(e.weight), {})
+            ms = c.get("step_ms") or {}
+            out["per-shape"][k] = c.get("step", e.step)  # not e.step: ``apply`` moves it
+            torch_ms = {n: ms[n] for n in ("dense", "onednn") if n in ms}
+            out["torch"][k] = min(torch_ms, key=torch_ms.__getitem__) if torch_ms else e.step
+            out["numba"][k] = "numba" if e.dense is not None else out["torch"][k]
+        return out
+
+    def apply(self, policy: dict[int, str]) -> None:
+        """Set the step-range kernel of each weight in ``policy`` (``{key: kernel}``)."""
+        for k, kernel in policy.items():
+            entry = _PACKED.get(k)
+            if entry is not None:
+                entry.step = kernel
+
+    def choose(self, name: str, timings: dict[str, float] | None = None) -> None:
+        """Keep policy ``name`` (of ``policies()``) for good, and drop the rest."""
+        self.apply(self.policies().get(name, {}))
+        self.policy = name
+        self.policy_ms = dict(timings or {})
+        self.trim()
+        log.info("linear kernels: policy %s chosen on whole steps (%s ms)", name,
+                 self.policy_ms)
+
+    def trim(self, keep_alternatives: bool = False) -> None:
+        """Drop what no range of a weight uses (oneDNN copies, NumPy views), unless
+        ``keep_alternatives`` (a policy is still to be chosen), and recount the extra
+        bytes (the oneDNN copies held)."""
+        self.nbytes = 0
+        for k in self.keys:
+            e = _PACKED.get(k)
+            if e is None:
+                continue
+            if not keep_alternatives:
+                if "onednn" not in (e.step, e.prefill):
+                    e.packed = None
+                if e.step != "numba":
+                    e.dense = None
+            if e.packed is not None:
+                self.nbytes += e.weight.numel() * e.weight.element_size()
+
     def release(self) -> None:
         """Unregister this owner's weights."""
         release(self.keys)
@@ -308,6 +378,8 @@ class PackedLinears:
             "prepacked_weights": len(self.keys),
             "prepacked_mib": round(self.nbytes / 2**20, 1),
             "prepack_decisions": self.decisions,
+            "kernel_policy": self.policy,
+            "kernel_policy_ms": self.policy_ms,
         }
 
 
