@@ -261,7 +261,7 @@ class PackedLinears:
                                          "error": str(exc)}
                 continue
             # under ``auto`` a numba-capable weight keeps every kernel at hand until
-            # ``choose_policy`` has timed whole steps (see there)
+            # ``choose`` keeps the policy timed fastest on whole steps (``policies``)
             keep_all = mode == "auto" and _numba_ok(w)
             if choice["step"] == "dense" and choice["prefill"] == "dense" and not keep_all:
                 continue
