@@ -216,15 +216,9 @@ def test_draft_heads_round_trip_through_cost_model_json(tmp_path):
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_torch_backend import N_LAYERS, VOCAB, make_ids, tiny_model  # noqa: E402
+from test_torch_backend import VOCAB, make_ids, skip_mask, tiny_model  # noqa: E402
 
 from knapspec.backends.torch.eager import TorchEagerBackend  # noqa: E402
-
-
-def skip_mask(*blocks: int) -> np.ndarray:
-    mask = np.zeros(2 * N_LAYERS, dtype=bool)
-    mask[list(blocks)] = True
-    return mask
 
 
 def with_ranking(be, ids, sizes=(32, 64)):

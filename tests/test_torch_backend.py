@@ -89,6 +89,13 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def skip_mask(*blocks: int) -> np.ndarray:
+    """A tiny model's ``[2 * N_LAYERS]`` skip mask with ``blocks`` skipped."""
+    mask = np.zeros(2 * N_LAYERS, dtype=bool)
+    mask[list(blocks)] = True
+    return mask
+
+
 def make_ids(n: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_torch_backend import N_LAYERS, make_ids, tiny_model  # noqa: E402
+from test_torch_backend import N_LAYERS, make_ids, skip_mask, tiny_model  # noqa: E402
 
 from knapspec.backends import backend_class, create_backend  # noqa: E402
 from knapspec.backends.torch import prepack  # noqa: E402
@@ -94,12 +94,6 @@ def compiled(qwen3):
 def static(qwen3):
     """Static-shape steps on the CPU: the code the CUDA graphs capture, run without capture."""
     return TorchCompileBackend.from_hf(qwen3, DigitTokenizer(), static_steps="on")
-
-
-def skip_mask(*skip: int) -> np.ndarray:
-    m = np.zeros(2 * N_LAYERS, dtype=bool)
-    m[list(skip)] = True
-    return m
 
 
 def test_registry_and_metadata(compiled):

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_torch_backend import N_LAYERS, VOCAB, make_ids, tiny_model  # noqa: E402
+from test_torch_backend import N_LAYERS, VOCAB, make_ids, skip_mask, tiny_model  # noqa: E402
 
 from knapspec.backends.torch import tokens  # noqa: E402
 from knapspec.backends.torch.eager import TorchEagerBackend  # noqa: E402
@@ -37,12 +37,6 @@ class DigitTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-
-def skip_mask(*blocks: int) -> np.ndarray:
-    mask = np.zeros(2 * N_LAYERS, dtype=bool)
-    mask[list(blocks)] = True
-    return mask
 
 
 @pytest.fixture(scope="module")
